@@ -1,0 +1,170 @@
+"""Run configuration: dataclasses, one docstring per field.
+
+Configuration flows one way: dataclass defaults, then a YAML file, then command-line
+flags and dotted overrides (`--set train.lr=1e-4`). Derived facts (label count, feature
+sizes) come from the dataset and are passed to the model; they are never written back
+here. Contradictions are rejected in `__post_init__` / `validate()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODALITIES = ("text", "video", "audio")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "mintrec"
+    """Benchmark reader: `mintrec` (see `amess.data.DATASETS`)."""
+    data_dir: str = ""
+    """Folder holding the dataset as downloaded (the TSVs, and feature files unless text-only)."""
+    modalities: list[str] = field(default_factory=lambda: ["text", "video", "audio"])
+    """Streams to use. `text` is always required; a text-only run never opens feature files."""
+    task: str = "intent"
+    """`intent` (fine-grained labels) or `binary` (MIntRec's Emotion/Goal coarse task)."""
+    text_max_len: int | None = None
+    """Max text tokens including special tokens; None = the dataset's default."""
+    video_max_len: int | None = None
+    """Max video frames (truncation); None = the dataset's default."""
+    audio_max_len: int | None = None
+    """Max audio frames (truncation); None = the dataset's default."""
+    video_file: str | None = None
+    """Video feature file name or path relative to data_dir; None = look for the known names."""
+    audio_file: str | None = None
+    """Audio feature file name or path relative to data_dir; None = look for the known names."""
+    train_split: str = "train"
+    """Split used for training."""
+    dev_split: str = "dev"
+    """Split used for early stopping. `train:0.1` holds back 10% of train (stratified, seeded)."""
+    test_splits: list[str] = field(default_factory=lambda: ["test"])
+    """Splits evaluated at the end with the best checkpoint; missing ones are skipped with a warning."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modalities if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; expected a subset of {list(MODALITIES)}")
+        if "text" not in self.modalities:
+            raise ValueError("modalities must include `text` (every method reads the utterance)")
+        if self.task not in ("intent", "binary"):
+            raise ValueError(f"task must be `intent` or `binary`, got {self.task!r}")
+
+
+@dataclass
+class ModelConfig:
+    method: str = "text"
+    """Method name from the registry (`amess.models.METHODS`)."""
+    text_encoder: str = "packaged:minilm"
+    """Hugging Face name or local folder; `packaged:minilm` is the offline all-MiniLM-L6-v2."""
+    pooling: str = "cls"
+    """How the encoder output is pooled: `cls` or `mean`."""
+    dropout: float = 0.1
+    """Dropout before the classifier head."""
+
+    def __post_init__(self) -> None:
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be `cls` or `mean`, got {self.pooling!r}")
+
+
+@dataclass
+class TrainConfig:
+    seeds: list[int] = field(default_factory=lambda: [0])
+    """One run per seed; summary.json reports mean and std over them."""
+    epochs: int = 20
+    """Maximum epochs (early stopping usually ends sooner)."""
+    batch_size: int = 16
+    """Per-process batch size."""
+    eval_batch_size: int = 64
+    """Batch size for evaluation."""
+    lr: float = 1e-4
+    """Learning rate of the new layers (head, fusion)."""
+    encoder_lr: float | None = 5e-5
+    """Learning rate of the pretrained text encoder; None = `lr`. Chosen on MIntRec dev for MiniLM."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup_ratio: float = 0.1
+    """Share of the total steps with a linear warm-up, then linear decay."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping; 0 disables it."""
+    patience: int = 8
+    """Early stopping: epochs without improvement of `monitor` on dev."""
+    monitor: str = "f1_macro"
+    """Dev metric that selects the best epoch (any key of `amess.metrics.classification_metrics`)."""
+    precision: str = "fp32"
+    """`fp32`, `bf16` or `fp16` (mixed precision through accelerate)."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps in total (smoke tests); None = no limit."""
+    threads: int | None = None
+    """torch intra-op threads; None = torch's default."""
+    plots: bool = True
+    """Write the training-curve and confusion-matrix PNGs into each seed folder."""
+    progress: bool = True
+    """Show progress bars."""
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section = d.get(f.name, {}) or {}
+            sub = f.default_factory()  # type: ignore[misc]
+            known = {g.name for g in dataclasses.fields(sub)}
+            unknown = set(section) - known
+            if unknown:
+                raise ValueError(f"config section {f.name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            kwargs[f.name] = type(sub)(**{**dataclasses.asdict(sub), **section})
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"config: unknown sections {sorted(unknown)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Config":
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+
+    def override(self, dotted: dict[str, Any]) -> "Config":
+        """Return a new Config with `section.key=value` overrides applied (values YAML-parsed)."""
+        d = self.to_dict()
+        for key, value in dotted.items():
+            if "." not in key:
+                raise ValueError(f"override {key!r}: expected section.key=value")
+            section, name = key.split(".", 1)
+            if section not in d or name not in d[section]:
+                raise ValueError(f"override {key!r}: no such setting")
+            d[section][name] = yaml.safe_load(value) if isinstance(value, str) else value
+        return Config.from_dict(d)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected section.key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v
+    return out
