@@ -46,6 +46,11 @@ class DataConfig:
     """Splits evaluated at the end with the best checkpoint; missing ones are skipped with a warning."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    holdout_labels: list[str] = field(default_factory=list)
+    """Intents removed from train and dev and scored at test time from their descriptions alone
+    (generalised zero-shot)."""
+    label_descriptions: str | None = None
+    """YAML/JSON file label -> description; None = the descriptions shipped for the dataset."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modalities if m not in MODALITIES]
