@@ -120,11 +120,89 @@ class TrainConfig:
             raise ValueError("at least one seed is needed")
 
 
+ANCHOR_MODES = ("topk", "learned", "all", "none")
+SS_LOSSES = ("none", "triplet", "margin")
+DESC_ENCODERS = ("shared", "frozen")
+INFERENCE_MODES = ("head", "similarity", "both")
+
+
+@dataclass
+class AmessConfig:
+    """A-MESS switches (docs/amess-method.md). Read only by `--method amess`."""
+
+    anchor_mode: str = "topk"
+    """A-ME anchors: `topk` (text tokens most relevant to the non-verbal streams), `learned`
+    (k learned vectors inserted after [CLS]), `all` (every word token: dense fusion) or
+    `none` (no fusion: the ablation row)."""
+    num_anchors: int = 4
+    """k, the number of anchors for `topk` and `learned`."""
+    fusion_heads: int = 4
+    """Attention heads of the anchor cross-attention and of the non-verbal layer; must divide
+    the encoder's embedding size."""
+    nonverbal_layer: bool = True
+    """Run one light Transformer layer over each projected non-verbal stream."""
+    ss_loss: str = "triplet"
+    """SS loss: `triplet` (z_m and z_t against descriptions, plus z_m-z_t InfoNCE), `margin`
+    (z_m, gold description, hardest negative description) or `none`."""
+    ss_lambda: float = 0.5
+    """Weight of the SS loss: L = CE + ss_lambda * L_SS."""
+    tau: float = 0.1
+    """Temperature of the SS similarities (initial value when `learn_tau`)."""
+    learn_tau: bool = True
+    """Learn the logit scale 1/tau (CLIP style, clamped to [1, 100]); False keeps `tau` fixed."""
+    proj_dim: int = 128
+    """p, the size of the shared semantic space."""
+    text_view: bool = True
+    """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
+    desc_encoder: str = "shared"
+    """Description encoder: `shared` (the trained text encoder, re-encoded every step) or
+    `frozen` (the pretrained encoder, encoded once at construction and cached)."""
+    desc_max_len: int = 64
+    """Max tokens of a label description, special tokens included."""
+    inference: str = "head"
+    """Scores at evaluation: `head` (classifier softmax), `similarity` (softmax over the scaled
+    cosine similarities to the descriptions) or `both` (the average of the two)."""
+    margin: float = 0.2
+    """Cosine margin of the `margin` SS loss."""
+    gate_init: float = -2.0
+    """Initial bias of the fusion gate: sigmoid(-2) = 0.12, so training starts near the text model."""
+
+    def __post_init__(self) -> None:
+        choices = {"anchor_mode": ANCHOR_MODES, "ss_loss": SS_LOSSES, "desc_encoder": DESC_ENCODERS,
+                   "inference": INFERENCE_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"amess.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.anchor_mode in ("topk", "learned") and self.num_anchors < 1:
+            raise ValueError(f"amess.num_anchors must be >= 1 with anchor_mode {self.anchor_mode!r}, "
+                             f"got {self.num_anchors}")
+        if self.fusion_heads < 1:
+            raise ValueError(f"amess.fusion_heads must be >= 1, got {self.fusion_heads}")
+        if self.ss_lambda < 0:
+            raise ValueError(f"amess.ss_lambda must be >= 0, got {self.ss_lambda}")
+        if not self.tau > 0:
+            raise ValueError(f"amess.tau must be > 0, got {self.tau}")
+        if self.learn_tau and not 0.01 <= self.tau <= 1.0:
+            raise ValueError(f"amess.tau must lie in [0.01, 1] with learn_tau (the scale 1/tau is "
+                             f"clamped to [1, 100]), got {self.tau}")
+        if self.proj_dim < 1:
+            raise ValueError(f"amess.proj_dim must be >= 1, got {self.proj_dim}")
+        if self.desc_max_len < 3:
+            raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
+        if self.ss_loss == "margin" and not 0 < self.margin <= 2:
+            raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
+        if self.inference != "head" and self.ss_loss == "none":
+            raise ValueError(f"amess.inference={self.inference!r} scores by similarity to the label "
+                             "descriptions, a space that amess.ss_loss=none never trains; use "
+                             "inference=head or an SS loss")
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    amess: AmessConfig = field(default_factory=AmessConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -35,9 +35,11 @@ class IntentModel(nn.Module):
     """Base class of every method.
 
     Subclasses are built with keyword arguments only:
-    `cls(*, config, encoder, num_labels, video_dim, audio_dim, label_names)` where
-    `config` is the run's `amess.config.Config`, `encoder` a `TextEncoder`, and the
-    dims are None for modalities that are not used.
+    `cls(*, config, encoder, num_labels, video_dim, audio_dim, label_names, descriptions)`
+    where `config` is the run's `amess.config.Config`, `encoder` a `TextEncoder`, the
+    dims are None for modalities that are not used, and `descriptions` is None or one
+    description string per label, in the order of `label_names` (SS, docs/amess-method.md).
+    A method that does not use descriptions accepts and ignores them.
     """
 
     def loss(self, out: IntentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -53,6 +55,10 @@ class IntentModel(nn.Module):
             return zero, {"ce": 0.0}
         ce = F.cross_entropy(out.logits[keep], batch.labels[keep])
         return ce, {"ce": float(ce.detach())}
+
+    def predict_scores(self, out: IntentOutput) -> torch.Tensor:
+        """`(b, C)` scores whose argmax is the prediction. Default: the logits."""
+        return out.logits
 
     def param_groups(self, lr: float, weight_decay: float, encoder_lr: float | None = None) -> list[dict]:
         """AdamW groups: no decay on biases and norms; the encoder may use its own LR."""

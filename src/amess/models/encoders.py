@@ -78,8 +78,11 @@ class TextEncoder(nn.Module):
 
 def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER) -> TextEncoder:
     """Load tokenizer and encoder (without the pooler: DDP would flag it as unused)."""
+    import transformers
     from transformers import AutoModel, AutoTokenizer
 
+    transformers.utils.logging.set_verbosity_error()  # the load report flags the dropped pooler
+    transformers.utils.logging.disable_progress_bar()
     path = resolve_encoder_path(name_or_path)
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     try:

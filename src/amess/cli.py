@@ -1,0 +1,182 @@
+"""`amess` command line: thin subcommands over the library.
+
+    amess data synth --out DIR [--dataset mintrec] [--seed S] [--size N]
+    amess data check --dataset mintrec --data-dir DIR [--modalities ...]
+    amess train --dataset mintrec --data-dir DIR --method text --out RUN_DIR [...]
+    amess evaluate RUN_DIR [--split test]
+    amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("amess")
+
+
+def _add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    p.add_argument("--dataset", default="mintrec", help="benchmark reader (default: mintrec)")
+    p.add_argument("--data-dir", required=required, help="the dataset folder as downloaded")
+    p.add_argument("--modalities", default=None,
+                   help="comma-separated subset of text,video,audio (default: all three)")
+    p.add_argument("--task", choices=["intent", "binary"], default=None, help="fine-grained or coarse labels")
+    p.add_argument("--video-file", default=None, help="video feature file, relative to --data-dir")
+    p.add_argument("--audio-file", default=None, help="audio feature file, relative to --data-dir")
+
+
+def _data_overrides(args: argparse.Namespace) -> dict[str, object]:
+    o: dict[str, object] = {"data.dataset": args.dataset}
+    if getattr(args, "data_dir", None):
+        o["data.data_dir"] = args.data_dir
+    if args.modalities:
+        o["data.modalities"] = [m.strip() for m in args.modalities.split(",") if m.strip()]
+    for k in ("task", "video_file", "audio_file"):
+        if getattr(args, k, None) is not None:
+            o[f"data.{k}"] = getattr(args, k)
+    return o
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from amess.data import synth
+
+    info = synth.generate(args.out, seed=args.seed, size=args.size)
+    print(f"wrote {args.out}: splits {info['splits']}")
+    print("oracle test accuracy by modalities: " +
+          ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["oracle_test_accuracy"].items()))
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from amess.config import Config
+    from amess.data.check import check_dataset
+
+    cfg = Config().override(_data_overrides(args))
+    rep = check_dataset(cfg.data)
+    print(rep.text())
+    return 0 if rep.ok else 1
+
+
+def build_train_config(args: argparse.Namespace):
+    from amess.config import Config, parse_overrides
+
+    cfg = Config.load(args.config) if args.config else Config()
+    o = _data_overrides(args)
+    if args.method:
+        o["model.method"] = args.method
+    if args.text_encoder:
+        o["model.text_encoder"] = args.text_encoder
+    for flag, key in (("seeds", "train.seeds"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+                      ("lr", "train.lr"), ("encoder_lr", "train.encoder_lr"), ("patience", "train.patience"),
+                      ("precision", "train.precision"), ("max_steps", "train.max_steps"),
+                      ("threads", "train.threads"), ("dev_split", "data.dev_split"),
+                      ("test_splits", "data.test_splits"), ("monitor", "train.monitor")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            o[key] = v
+    if args.holdout_labels:
+        o["data.holdout_labels"] = [s.strip() for s in args.holdout_labels.split(",") if s.strip()]
+    if args.label_descriptions:
+        o["data.label_descriptions"] = args.label_descriptions
+    if args.no_progress:
+        o["train.progress"] = False
+    o.update(parse_overrides(args.set))
+    return cfg.override(o)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from amess.train import format_table, run
+
+    cfg = build_train_config(args)
+    summary = run(cfg, args.out)
+    report = [s for s in cfg.data.test_splits if s in summary] or [k for k in summary if k != "seeds"][:1]
+    for split in report:
+        print(f"\n{cfg.model.method} on {cfg.data.dataset} {split} ({len(cfg.train.seeds)} seed(s), mean ± std, %)")
+        print(format_table({cfg.model.method: summary}, split))
+    print(f"\nrun folder: {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from amess.evaluate import evaluate_run
+    from amess.train import format_table
+
+    summary = evaluate_run(Path(args.run_dir), args.split)
+    print(f"\n{args.run_dir} on {args.split} (mean ± std over seeds, %)")
+    print(format_table({Path(args.run_dir).name: summary}, args.split))
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="amess", description="multimodal intent recognition (A-MESS and baselines)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="synthetic data, checks and conversion").add_subparsers(dest="data_cmd", required=True)
+    s = data.add_parser("synth", help="write a synthetic dataset in the MIntRec layout")
+    s.add_argument("--out", required=True)
+    s.add_argument("--dataset", default="mintrec", choices=["mintrec"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", type=int, default=1000, help="number of utterances (all splits)")
+    s.set_defaults(func=cmd_synth)
+    c = data.add_parser("check", help="report counts, shapes and problems of a dataset folder")
+    _add_data_args(c)
+    c.set_defaults(func=cmd_check)
+
+    t = sub.add_parser("train", help="train a method over one or more seeds")
+    _add_data_args(t)
+    t.add_argument("--config", default=None, help="YAML config (flags override it)")
+    t.add_argument("--method", default=None, help="method name (text, amess, ...)")
+    t.add_argument("--text-encoder", default=None, help="Hugging Face name or local folder (default packaged:minilm)")
+    t.add_argument("--seeds", type=int, nargs="+", default=None)
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None, help="learning rate of the new layers")
+    t.add_argument("--encoder-lr", type=float, default=None, help="learning rate of the text encoder")
+    t.add_argument("--patience", type=int, default=None)
+    t.add_argument("--monitor", default=None, help="dev metric for early stopping (default f1_macro)")
+    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (smoke tests)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads")
+    t.add_argument("--dev-split", default=None, help="early-stopping split, or train:FRACTION to hold back part of train")
+    t.add_argument("--test-splits", nargs="+", default=None, help="splits reported at the end (default: test)")
+    t.add_argument("--holdout-labels", default=None, help="comma-separated intents unseen in training (zero-shot)")
+    t.add_argument("--label-descriptions", default=None, help="YAML/JSON file label -> description")
+    t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
+    t.add_argument("--no-progress", action="store_true", help="no progress bars")
+    t.add_argument("--out", required=True, help="run folder")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("evaluate", help="evaluate a run folder's checkpoints on a split")
+    e.add_argument("run_dir")
+    e.add_argument("--split", default="test")
+    e.set_defaults(func=cmd_evaluate)
+
+    from amess.labels.generate import add_cli as add_labels_cli
+
+    add_labels_cli(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        from amess.data import DataError
+
+        if isinstance(e, (DataError, FileNotFoundError)) or not args.verbose:
+            log.error("%s", e)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

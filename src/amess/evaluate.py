@@ -1,0 +1,52 @@
+"""Evaluate a finished run folder: rebuild each seed's model from its `config.yaml`, load
+`model.pt`, score a split, and merge the split's figures into `summary.json`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from amess.config import Config
+from amess.train import (load_descriptions_for, make_collator, make_loader, predict, prepare_data, split_metrics,
+                         summarise, build_model)
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run(run_dir: Path, split: str) -> dict:
+    from accelerate import Accelerator
+
+    seed_dirs = sorted(p for p in run_dir.glob("seed_*") if (p / "model.pt").is_file())
+    if not seed_dirs:
+        raise FileNotFoundError(f"{run_dir}: no seed_*/model.pt found (is this an `amess train` run folder?)")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    per_seed = {}
+    for sd in seed_dirs:
+        cfg = Config.load(sd / "config.yaml")
+        seed = cfg.train.seeds[0]
+        cfg = cfg.override({"data.test_splits": [split]})
+        data = prepare_data(cfg, seed)
+        if split not in data.tests and split != data.dev_key:
+            raise FileNotFoundError(f"{data.reader.data_dir}: split {split!r} not found")
+        model, encoder = build_model(cfg, data, load_descriptions_for(cfg, data.reader, data.label_names))
+        model.load_state_dict(torch.load(sd / "model.pt", map_location="cpu", weights_only=True))
+        collator = make_collator(cfg, data, encoder.tokenizer)
+        target = data.tests.get(split, data.dev)
+        loader = make_loader(target, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
+        model, loader = accelerator.prepare(model, loader)
+        res = predict(model, loader, accelerator, split)
+        m = split_metrics(res, len(data.label_names), data.label_names, cfg.data.holdout_labels)
+        per_seed[seed] = {split: m}
+        if accelerator.is_main_process:
+            res.save(sd / f"outputs_{split}.npz")
+            (sd / f"metrics_{split}.json").write_text(json.dumps(m, indent=2))
+    summary = summarise(per_seed)
+    if accelerator.is_main_process:
+        path = run_dir / "summary.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        old[split] = summary[split]
+        path.write_text(json.dumps(old, indent=2))
+    return summary

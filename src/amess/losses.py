@@ -1,0 +1,70 @@
+"""Loss functions as small pure functions over tensors (docs/amess-method.md, SS).
+
+Every SS function expects L2-normalised embeddings, so that a dot product is a cosine
+similarity. `tau` is a temperature: a float or a 0-d tensor (a learned scale passes
+`1 / scale`, so gradients reach the scale). Shapes: `b` rows, `C` labels, `p` the size
+of the shared semantic space. Callers drop out-of-scope rows before calling.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def description_ce(z: torch.Tensor, e: torch.Tensor, labels: torch.Tensor,
+                   tau: float | torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each row towards its gold description among all `C` (SS 4).
+
+    z: (b, p) normalised utterance embeddings; e: (C, p) normalised description
+    embeddings; labels: (b,) long in [0, C). Returns a scalar.
+    """
+    logits = z @ e.t() / tau  # (b, C)
+    return F.cross_entropy(logits, labels)
+
+
+def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric InfoNCE between two views of the same rows (SS 4: z_m against z_t).
+
+    a, b: (n, p) normalised; row i of `a` and row i of `b` are the positive pair, every
+    other row of the batch a negative. Symmetric in its two arguments. Returns a scalar.
+    """
+    logits = a @ b.t() / tau  # (n, n)
+    target = torch.arange(a.shape[0], device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def triplet_contrastive(z_m: torch.Tensor, z_t: torch.Tensor | None, e: torch.Tensor,
+                        labels: torch.Tensor, tau: float | torch.Tensor,
+                        text_view: bool = True) -> torch.Tensor:
+    """The triplet contrastive loss of SS 4: the mean of its terms.
+
+    - z_m (b, p) against all descriptions e (C, p): cross-entropy towards the gold one;
+    - z_t (b, p) against all descriptions: the same;
+    - z_m against z_t within the batch: symmetric InfoNCE.
+
+    With `text_view=False` only the first term remains (z_t may then be None). The terms
+    are averaged, not summed, so that `ss_lambda` weighs the same whether the text view
+    is on or off.
+    """
+    terms = [description_ce(z_m, e, labels, tau)]
+    if text_view:
+        if z_t is None:
+            raise ValueError("triplet_contrastive: text_view=True needs the text-only view z_t")
+        terms.append(description_ce(z_t, e, labels, tau))
+        terms.append(symmetric_infonce(z_m, z_t, tau))
+    return torch.stack(terms).mean()
+
+
+def margin_triplet(z_m: torch.Tensor, e: torch.Tensor, labels: torch.Tensor, margin: float) -> torch.Tensor:
+    """Margin variant of SS 4: anchor z_m, positive e_y, the hardest negative description.
+
+    loss_i = max(0, margin - cos(z_i, e_y) + max_{c != y} cos(z_i, e_c)), averaged over rows;
+    zero once every row is closer to its own description by at least `margin`.
+    z_m: (b, p) and e: (C, p) normalised; labels: (b,) long. Needs C >= 2.
+    """
+    sims = z_m @ e.t()  # (b, C) cosine similarities
+    pos = sims.gather(1, labels[:, None]).squeeze(1)  # (b,)
+    gold = F.one_hot(labels, num_classes=e.shape[0]).bool()
+    neg = sims.masked_fill(gold, float("-inf")).amax(dim=1)  # (b,) hardest negative
+    return F.relu(margin - pos + neg).mean()

@@ -1,0 +1,409 @@
+"""The one training loop, for every method.
+
+`run(cfg, out_dir)` trains one model per seed and writes, per seed folder, the resolved
+`config.yaml`, `metrics.json`, `predictions.csv`, `outputs_<split>.npz` (logits and
+representations, for OOD detectors and plots), the best checkpoint `model.pt`, and the
+training-curve and confusion-matrix PNGs; then `summary.json` with mean and std over
+seeds. The loop runs as one process or data-parallel under `torchrun` / `accelerate
+launch` (Hugging Face accelerate; only the main process writes files).
+
+The loop knows nothing about a method beyond `model(batch)`, `model.loss(out, batch)`,
+`model.param_groups(...)` and `model.predict_scores(out)`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from amess.config import Config
+from amess.data import DataError, IntentDataset, SplitData, get_reader
+from amess.data.base import DatasetReader, stratified_holdout
+from amess.data.batch import Collator
+from amess.metrics import classification_metrics, mean_std
+
+log = logging.getLogger(__name__)
+
+HOLDOUT_KEY = "train_holdout"
+
+
+@dataclass
+class EvalResult:
+    """A model's outputs over one split, as numpy arrays (row order = split order)."""
+
+    split: str
+    ids: list[str]
+    labels: np.ndarray  # (N,) gold ids; out-of-scope rows == C
+    scores: np.ndarray  # (N, C) predict_scores (probabilities)
+    logits: np.ndarray  # (N, C) head logits
+    pooled: np.ndarray  # (N, h)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    loss: float = float("nan")
+
+    @property
+    def preds(self) -> np.ndarray:
+        return self.scores.argmax(-1)
+
+    def save(self, path: Path) -> None:
+        np.savez_compressed(path, ids=np.array(self.ids), labels=self.labels, scores=self.scores,
+                            logits=self.logits, pooled=self.pooled,
+                            **{f"extra_{k}": v for k, v in self.extras.items()})
+
+    @classmethod
+    def load(cls, path: Path, split: str) -> "EvalResult":
+        with np.load(path, allow_pickle=False) as z:
+            extras = {k[6:]: z[k] for k in z.files if k.startswith("extra_")}
+            return cls(split=split, ids=[str(i) for i in z["ids"]], labels=z["labels"], scores=z["scores"],
+                       logits=z["logits"], pooled=z["pooled"], extras=extras)
+
+
+# --- data ---------------------------------------------------------------------------
+
+@dataclass
+class PreparedData:
+    reader: DatasetReader
+    label_names: list[str]
+    train: SplitData
+    dev: SplitData
+    dev_key: str
+    tests: dict[str, SplitData]
+    video_dim: int | None
+    audio_dim: int | None
+
+
+def prepare_data(cfg: Config, seed: int) -> PreparedData:
+    """Read the splits the config names; hold back a dev slice of train when asked
+    (`dev_split: train:0.1`); drop held-out intents from train and dev."""
+    reader = get_reader(cfg.data)
+    label_names = reader.label_names
+    available = reader.available_splits()
+    holdout_frac = None
+    dev_split = cfg.data.dev_split
+    if dev_split.startswith(f"{cfg.data.train_split}:"):
+        holdout_frac = float(dev_split.split(":", 1)[1])
+        dev_split = None
+    wanted = [cfg.data.train_split] + ([dev_split] if dev_split else [])
+    tests = []
+    for s in cfg.data.test_splits:
+        if s in available:
+            tests.append(s)
+        else:
+            log.warning("split %r not found in %s; skipped", s, reader.data_dir)
+    for s in wanted:
+        if s not in available:
+            raise DataError(f"{reader.split_file(s)}: split {s!r} is needed for training but missing")
+    splits = reader.load(list(dict.fromkeys(wanted + tests)))
+    train = splits[cfg.data.train_split]
+    if holdout_frac is not None:
+        keep, held = stratified_holdout(train.samples, holdout_frac, seed)
+        dev = replace(train, name=HOLDOUT_KEY, samples=held)
+        train = replace(train, samples=keep)
+        dev_key = HOLDOUT_KEY
+    else:
+        dev, dev_key = splits[dev_split], "dev"
+    if cfg.data.holdout_labels:
+        unknown = [n for n in cfg.data.holdout_labels if n not in label_names]
+        if unknown:
+            raise ValueError(f"--holdout-labels {unknown} are not labels of {cfg.data.dataset}: {label_names}")
+        held_ids = {label_names.index(n) for n in cfg.data.holdout_labels}
+        train = replace(train, samples=[s for s in train.samples if s.label not in held_ids])
+        dev = replace(dev, samples=[s for s in dev.samples if s.label not in held_ids])
+    return PreparedData(
+        reader=reader, label_names=label_names, train=train, dev=dev, dev_key=dev_key,
+        tests={s: splits[s] for s in tests},
+        video_dim=train.video.dim if train.video is not None else None,
+        audio_dim=train.audio.dim if train.audio is not None else None,
+    )
+
+
+def load_descriptions_for(cfg: Config, reader: DatasetReader, label_names: list[str]) -> list[str] | None:
+    """Label descriptions for SS and description-based inference: the configured file, else
+    the set shipped for the dataset; None when no shipped set exists."""
+    from amess.labels import load_descriptions, shipped_sets
+
+    source = cfg.data.label_descriptions or reader.descriptions_set
+    if cfg.data.label_descriptions is None and source not in shipped_sets():
+        return None
+    return load_descriptions(source, label_names)
+
+
+def make_loader(split: SplitData, cfg: Config, collator: Collator, *, shuffle: bool, seed: int,
+                batch_size: int) -> DataLoader:
+    ds = IntentDataset(split)  # frames come truncated from the feature source
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=g,
+                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+
+
+# --- model ------------------------------------------------------------------------------
+
+def build_model(cfg: Config, data: PreparedData, descriptions: list[str] | None):
+    from amess.models import build_model as _build
+    from amess.models.encoders import load_text_encoder
+
+    encoder = load_text_encoder(cfg.model.text_encoder)
+    model = _build(cfg.model.method, config=cfg, encoder=encoder, num_labels=len(data.label_names),
+                   video_dim=data.video_dim, audio_dim=data.audio_dim, label_names=data.label_names,
+                   descriptions=descriptions)
+    return model, encoder
+
+
+def make_collator(cfg: Config, data: PreparedData, tokenizer) -> Collator:
+    return Collator(tokenizer, text_max_len=cfg.data.text_max_len or data.reader.spec.text_max_len,
+                    video_dim=data.video_dim, audio_dim=data.audio_dim)
+
+
+# --- evaluation -------------------------------------------------------------------------
+
+@torch.no_grad()
+def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
+    """Run the model over a loader; gathers across processes (duplicates from uneven
+    sharding dropped by accelerate's `gather_for_metrics`)."""
+    model.eval()
+    ids, labels, scores, logits, pooled = [], [], [], [], []
+    extras: dict[str, list] = {}
+    for batch in loader:
+        batch = batch.to(accelerator.device)
+        with accelerator.autocast():
+            out = model(batch)
+            sc = accelerator.unwrap_model(model).predict_scores(out)
+        row = {"labels": batch.labels, "scores": sc.float(), "logits": out.logits.float(), "pooled": out.pooled.float()}
+        row.update({f"x_{k}": v.float() if v.is_floating_point() else v for k, v in out.extras.items()
+                    if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(batch)})
+        row = accelerator.gather_for_metrics(row)
+        ids.extend(batch.ids if accelerator.num_processes == 1 else _gather_ids(batch.ids, accelerator))
+        labels.append(row["labels"].cpu().numpy())
+        scores.append(row["scores"].cpu().numpy())
+        logits.append(row["logits"].cpu().numpy())
+        pooled.append(row["pooled"].cpu().numpy())
+        for k, v in row.items():
+            if k.startswith("x_"):
+                extras.setdefault(k[2:], []).append(v.cpu().numpy())
+    model.train()
+    cat = lambda xs: np.concatenate(xs, 0)  # noqa: E731
+    return EvalResult(split=split, ids=ids[: sum(len(x) for x in labels)], labels=cat(labels), scores=cat(scores),
+                      logits=cat(logits), pooled=cat(pooled),
+                      extras={k: _cat_ragged(v) for k, v in extras.items()})
+
+
+def _gather_ids(ids: list[str], accelerator) -> list[str]:
+    from accelerate.utils import gather_object
+
+    return gather_object(list(ids))
+
+
+def _cat_ragged(xs: list[np.ndarray]) -> np.ndarray:
+    """Concatenate per-batch arrays whose trailing dims may differ (e.g. token counts), padding with -1."""
+    if all(x.shape[1:] == xs[0].shape[1:] for x in xs):
+        return np.concatenate(xs, 0)
+    shape = tuple(max(x.shape[d] for x in xs) for d in range(1, xs[0].ndim))
+    out = []
+    for x in xs:
+        pad = [(0, 0)] + [(0, s - x.shape[d + 1]) for d, s in enumerate(shape)]
+        out.append(np.pad(x, pad, constant_values=-1))
+    return np.concatenate(out, 0)
+
+
+def split_metrics(res: EvalResult, num_labels: int, label_names: list[str],
+                  holdout_labels: list[str] | None = None) -> dict[str, float]:
+    """In-scope metrics (rows with gold < C, plain argmax); generalised zero-shot
+    accuracy on seen / unseen intents when intents were held out."""
+    ins = res.labels < num_labels
+    if not ins.any():
+        return {}
+    m = classification_metrics(res.labels[ins], res.preds[ins], num_labels)
+    if holdout_labels:
+        unseen_ids = [label_names.index(n) for n in holdout_labels]
+        unseen = np.isin(res.labels, unseen_ids) & ins
+        seen = ins & ~unseen
+        if seen.any():
+            m["acc_seen"] = float((res.preds[seen] == res.labels[seen]).mean())
+        if unseen.any():
+            m["acc_unseen"] = float((res.preds[unseen] == res.labels[unseen]).mean())
+        if "acc_seen" in m and "acc_unseen" in m:
+            s, u = m["acc_seen"], m["acc_unseen"]
+            m["acc_h"] = 0.0 if s + u == 0 else 2 * s * u / (s + u)
+    return m
+
+
+# --- training ---------------------------------------------------------------------------
+
+def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict:
+    """Train one seed; returns `{split: metrics}` of the best checkpoint."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from amess import plots
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    if accelerator is None:
+        accelerator = Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
+                                  cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    main = accelerator.is_main_process
+    data = prepare_data(cfg, seed)
+    descriptions = load_descriptions_for(cfg, data.reader, data.label_names)
+    set_seed(seed)  # model init independent of how much randomness data preparation used
+    model, encoder = build_model(cfg, data, descriptions)
+    collator = make_collator(cfg, data, encoder.tokenizer)
+    train_loader = make_loader(data.train, cfg, collator, shuffle=True, seed=seed, batch_size=cfg.train.batch_size)
+    dev_loader = make_loader(data.dev, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.encoder_lr))
+    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
+    total = steps_per_epoch * cfg.train.epochs
+    if cfg.train.max_steps is not None:
+        total = min(total, cfg.train.max_steps)
+    warm = int(cfg.train.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    model, optimizer, train_loader, dev_loader, sched = accelerator.prepare(model, optimizer, train_loader, dev_loader, sched)
+    C = len(data.label_names)
+    if main:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        cfg_seed = cfg.override({"train.seeds": f"[{seed}]"})
+        cfg_seed.save(seed_dir / "config.yaml")
+    ckpt = seed_dir / "model.pt"
+    best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
+    t_start = time.perf_counter()
+    n_seen = 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        model.train()
+        losses = []
+        bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}", disable=not (main and cfg.train.progress), leave=False)
+        for batch in bar:
+            batch = batch.to(accelerator.device)
+            with accelerator.autocast():
+                out = model(batch)
+                loss, parts = accelerator.unwrap_model(model).loss(out, batch)
+            accelerator.backward(loss)
+            if cfg.train.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            sched.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+            n_seen += len(batch) * accelerator.num_processes
+            step += 1
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
+                break
+        dev_res = predict(model, dev_loader, accelerator, data.dev_key)
+        dev_m = split_metrics(dev_res, C, data.label_names)
+        score = dev_m[cfg.train.monitor]
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                        "dev": dev_m, "step": step, "seconds": time.perf_counter() - t_start})
+        improved = score > best
+        if improved:
+            best, best_epoch, bad = score, epoch, 0
+            if main:
+                torch.save(accelerator.unwrap_model(model).state_dict(), ckpt)
+        else:
+            bad += 1
+        log.info("seed %d epoch %d: train loss %.4f, %s %s = %.2f%%%s", seed, epoch, history[-1]["train_loss"],
+                 data.dev_key, cfg.train.monitor, 100 * score, " (best)" if improved else "")
+        if bad >= cfg.train.patience or (cfg.train.max_steps is not None and step >= cfg.train.max_steps):
+            break
+    train_seconds = time.perf_counter() - t_start
+    accelerator.wait_for_everyone()
+    # best checkpoint, then every evaluated split
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    accelerator.unwrap_model(model).load_state_dict(state)
+    results: dict[str, EvalResult] = {}
+    for name, split in [("train", data.train), (data.dev_key, data.dev)] + list(data.tests.items()):
+        loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
+                                                 batch_size=cfg.train.eval_batch_size))
+        results[name] = predict(model, loader, accelerator, name)
+    metrics = {name: split_metrics(r, C, data.label_names, cfg.data.holdout_labels)
+               for name, r in results.items() if name != "train"}
+    if main:
+        for name, r in results.items():
+            r.save(seed_dir / f"outputs_{name}.npz")
+        write_predictions(seed_dir / "predictions.csv", [r for n, r in results.items() if n != "train"],
+                          data.label_names)
+        info = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
+                "train_seconds": round(train_seconds, 2),
+                "train_samples_per_second": round(n_seen / max(train_seconds, 1e-9), 2),
+                "label_names": data.label_names, "history": history, "metrics": metrics}
+        (seed_dir / "metrics.json").write_text(json.dumps(info, indent=2))
+        if cfg.train.plots:
+            fig = plots.training_curve(history, cfg.train.monitor)
+            fig.savefig(seed_dir / "training_curve.png", dpi=110)
+            report = next(iter(data.tests), data.dev_key)
+            r = results[report]
+            fig = plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})")
+            fig.savefig(seed_dir / "confusion_matrix.png", dpi=110)
+            import matplotlib.pyplot as plt
+
+            plt.close("all")
+    return metrics
+
+
+def write_predictions(path: Path, results: list[EvalResult], label_names: list[str]) -> None:
+    """One row per sample and split: id, gold and predicted label names, per-class probabilities."""
+    names = label_names + ["UNK"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["split", "id", "gold", "pred"] + [f"p_{n}" for n in label_names])
+        for r in results:
+            for i, sid in enumerate(r.ids):
+                w.writerow([r.split, sid, names[min(int(r.labels[i]), len(label_names))],
+                            names[int(r.preds[i])]] + [f"{p:.5f}" for p in r.scores[i]])
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """`{split: {metric: {mean, std, n}}}` over seeds."""
+    out: dict = {}
+    splits = sorted({s for m in per_seed.values() for s in m})
+    for split in splits:
+        keys = sorted({k for m in per_seed.values() for k in m.get(split, {})})
+        out[split] = {k: mean_std([m[split][k] for m in per_seed.values() if k in m.get(split, {})]) for k in keys}
+    out["seeds"] = sorted(per_seed)
+    return out
+
+
+def run(cfg: Config, out_dir: str | Path) -> dict:
+    """Train every seed of `cfg` into `out_dir/seed_<s>/` and write `summary.json`."""
+    from accelerate import Accelerator
+
+    out_dir = Path(out_dir)
+    accelerator = Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
+                              cpu=not torch.cuda.is_available())
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(out_dir / "config.yaml")
+    per_seed = {}
+    for seed in cfg.train.seeds:
+        per_seed[seed] = train_seed(cfg, seed, out_dir / f"seed_{seed}", accelerator)
+    summary = summarise(per_seed)
+    if accelerator.is_main_process:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def format_table(rows: dict[str, dict], split: str, keys: tuple[str, ...] = ("acc", "f1_macro", "precision_macro",
+                                                                          "recall_macro", "f1_weighted")) -> str:
+    """A markdown table, percentages with two decimals: `rows` maps a row name to a summary."""
+    head = "| run | " + " | ".join(keys) + " |"
+    lines = [head, "|" + "---|" * (len(keys) + 1)]
+    for name, summ in rows.items():
+        m = summ.get(split, {})
+        cells = []
+        for k in keys:
+            if k in m:
+                cells.append(f"{100 * m[k]['mean']:.2f} ± {100 * m[k]['std']:.2f}")
+            else:
+                cells.append("–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
