@@ -11,21 +11,20 @@ import torch
 
 from amess.config import Config
 from amess.train import (load_descriptions_for, make_collator, make_loader, predict, prepare_data, split_metrics,
-                         summarise, build_model)
+                         summarise, build_model, make_accelerator)
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_run(run_dir: Path, split: str) -> dict:
-    from accelerate import Accelerator
-
     seed_dirs = sorted(p for p in run_dir.glob("seed_*") if (p / "model.pt").is_file())
     if not seed_dirs:
         raise FileNotFoundError(f"{run_dir}: no seed_*/model.pt found (is this an `amess train` run folder?)")
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     per_seed = {}
+    accelerator = None
     for sd in seed_dirs:
         cfg = Config.load(sd / "config.yaml")
+        accelerator = accelerator or make_accelerator(cfg)
         seed = cfg.train.seeds[0]
         cfg = cfg.override({"data.test_splits": [split]})
         data = prepare_data(cfg, seed)

@@ -238,26 +238,32 @@ def split_metrics(res: EvalResult, num_labels: int, label_names: list[str],
 
 # --- training ---------------------------------------------------------------------------
 
-def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict:
-    """Train one seed; returns `{split: metrics}` of the best checkpoint."""
+def make_accelerator(cfg: Config):
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    # some parameters are idle in some configurations (e.g. learned anchors in `topk` mode)
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
+                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    best_epoch: int
+    steps: int
+    train_seconds: float
+    samples_seen: int
+
+
+def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, accelerator, ckpt: Path):
+    """AdamW with linear warm-up and decay, early stopping on `train.monitor` over the dev
+    split, the best state saved to `ckpt` by the main process. Returns the prepared model
+    (still holding the *last* epoch's weights) and a `FitResult`."""
     from tqdm.auto import tqdm
 
-    from amess import plots
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if accelerator is None:
-        accelerator = Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
-                                  cpu=not torch.cuda.is_available())
-    set_seed(seed)
     main = accelerator.is_main_process
-    data = prepare_data(cfg, seed)
-    descriptions = load_descriptions_for(cfg, data.reader, data.label_names)
-    set_seed(seed)  # model init independent of how much randomness data preparation used
-    model, encoder = build_model(cfg, data, descriptions)
-    collator = make_collator(cfg, data, encoder.tokenizer)
     train_loader = make_loader(data.train, cfg, collator, shuffle=True, seed=seed, batch_size=cfg.train.batch_size)
     dev_loader = make_loader(data.dev, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
     optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.encoder_lr))
@@ -268,20 +274,16 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
     warm = int(cfg.train.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
-    model, optimizer, train_loader, dev_loader, sched = accelerator.prepare(model, optimizer, train_loader, dev_loader, sched)
+    model, optimizer, train_loader, dev_loader, sched = accelerator.prepare(model, optimizer, train_loader,
+                                                                            dev_loader, sched)
     C = len(data.label_names)
-    if main:
-        seed_dir.mkdir(parents=True, exist_ok=True)
-        cfg_seed = cfg.override({"train.seeds": f"[{seed}]"})
-        cfg_seed.save(seed_dir / "config.yaml")
-    ckpt = seed_dir / "model.pt"
-    best, best_epoch, bad, step, history = -math.inf, -1, 0, 0, []
+    best, best_epoch, bad, step, n_seen, history = -math.inf, -1, 0, 0, 0, []
     t_start = time.perf_counter()
-    n_seen = 0
     for epoch in range(1, cfg.train.epochs + 1):
         model.train()
         losses = []
-        bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}", disable=not (main and cfg.train.progress), leave=False)
+        bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}", disable=not (main and cfg.train.progress),
+                   leave=False)
         for batch in bar:
             batch = batch.to(accelerator.device)
             with accelerator.autocast():
@@ -299,11 +301,10 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if cfg.train.max_steps is not None and step >= cfg.train.max_steps:
                 break
-        dev_res = predict(model, dev_loader, accelerator, data.dev_key)
-        dev_m = split_metrics(dev_res, C, data.label_names)
+        dev_m = split_metrics(predict(model, dev_loader, accelerator, data.dev_key), C, data.label_names)
         score = dev_m[cfg.train.monitor]
         history.append({"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
-                        "dev": dev_m, "step": step, "seconds": time.perf_counter() - t_start})
+                        "dev": dev_m, "step": step, "seconds": round(time.perf_counter() - t_start, 3)})
         improved = score > best
         if improved:
             best, best_epoch, bad = score, epoch, 0
@@ -315,11 +316,40 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
                  data.dev_key, cfg.train.monitor, 100 * score, " (best)" if improved else "")
         if bad >= cfg.train.patience or (cfg.train.max_steps is not None and step >= cfg.train.max_steps):
             break
-    train_seconds = time.perf_counter() - t_start
     accelerator.wait_for_everyone()
-    # best checkpoint, then every evaluated split
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    accelerator.unwrap_model(model).load_state_dict(state)
+    return model, FitResult(history, best_epoch, step, time.perf_counter() - t_start, n_seen)
+
+
+def setup_seed(cfg: Config, seed: int):
+    """Data, descriptions, model and collator for one seed (seeded)."""
+    from accelerate.utils import set_seed
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    set_seed(seed)
+    data = prepare_data(cfg, seed)
+    descriptions = load_descriptions_for(cfg, data.reader, data.label_names)
+    set_seed(seed)  # model init independent of how much randomness data preparation used
+    model, encoder = build_model(cfg, data, descriptions)
+    return data, model, make_collator(cfg, data, encoder.tokenizer)
+
+
+def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict:
+    """Train one seed into `seed_dir`; returns `{split: metrics}` of the best checkpoint."""
+    from amess import plots
+
+    accelerator = accelerator or make_accelerator(cfg)
+    main = accelerator.is_main_process
+    data, model, collator = setup_seed(cfg, seed)
+    if main:
+        seed_dir.mkdir(parents=True, exist_ok=True)
+        cfg.override({"train.seeds": f"[{seed}]"}).save(seed_dir / "config.yaml")
+    accelerator.wait_for_everyone()
+    ckpt = seed_dir / "model.pt"
+    model, fr = fit(cfg, seed, model, data, collator, accelerator, ckpt)
+    # best checkpoint, then every split
+    accelerator.unwrap_model(model).load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+    C = len(data.label_names)
     results: dict[str, EvalResult] = {}
     for name, split in [("train", data.train), (data.dev_key, data.dev)] + list(data.tests.items()):
         loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
@@ -332,20 +362,19 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
             r.save(seed_dir / f"outputs_{name}.npz")
         write_predictions(seed_dir / "predictions.csv", [r for n, r in results.items() if n != "train"],
                           data.label_names)
-        info = {"seed": seed, "best_epoch": best_epoch, "epochs_run": len(history), "steps": step,
-                "train_seconds": round(train_seconds, 2),
-                "train_samples_per_second": round(n_seen / max(train_seconds, 1e-9), 2),
-                "label_names": data.label_names, "history": history, "metrics": metrics}
+        info = {"seed": seed, "best_epoch": fr.best_epoch, "epochs_run": len(fr.history), "steps": fr.steps,
+                "train_seconds": round(fr.train_seconds, 2),
+                "train_samples_per_second": round(fr.samples_seen / max(fr.train_seconds, 1e-9), 2),
+                "label_names": data.label_names, "history": fr.history, "metrics": metrics}
         (seed_dir / "metrics.json").write_text(json.dumps(info, indent=2))
         if cfg.train.plots:
-            fig = plots.training_curve(history, cfg.train.monitor)
-            fig.savefig(seed_dir / "training_curve.png", dpi=110)
-            report = next(iter(data.tests), data.dev_key)
-            r = results[report]
-            fig = plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})")
-            fig.savefig(seed_dir / "confusion_matrix.png", dpi=110)
             import matplotlib.pyplot as plt
 
+            plots.training_curve(fr.history, cfg.train.monitor).savefig(seed_dir / "training_curve.png", dpi=110)
+            report = next(iter(data.tests), data.dev_key)
+            r = results[report]
+            plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})").savefig(
+                seed_dir / "confusion_matrix.png", dpi=110)
             plt.close("all")
     return metrics
 
@@ -375,11 +404,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 def run(cfg: Config, out_dir: str | Path) -> dict:
     """Train every seed of `cfg` into `out_dir/seed_<s>/` and write `summary.json`."""
-    from accelerate import Accelerator
-
     out_dir = Path(out_dir)
-    accelerator = Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
-                              cpu=not torch.cuda.is_available())
+    accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")

@@ -25,7 +25,8 @@ Prompt template
 
 Cache
     One JSON file per request in ``cache_dir`` (default ``<out parent>/.label_cache``),
-    named by the sha256 of (model, rendered prompt, label). The rendered prompt contains
+    named by the sha256 of (model, rendered prompt, label); the rendered prompt includes the
+    fixed system message. The rendered prompt contains
     the template, the label set and the dataset hint, so changing any of those asks again.
     Temperature and endpoint are *not* part of the key: the same model asked the same
     question through another server reuses the answer. Use another cache dir to force new
@@ -145,10 +146,15 @@ def _redact(url: str) -> str:
     return urllib.parse.urlunsplit((parsed.scheme, host, parsed.path, "", ""))
 
 
-def cache_key(model: str, prompt: str, label: str) -> str:
-    """sha256 hex digest identifying one (model, rendered prompt, label) request."""
+def cache_key(model: str, prompt: str, label: str, system: str = SYSTEM_PROMPT) -> str:
+    """sha256 hex digest identifying one (model, rendered prompt, label) request.
+
+    The system message is part of the prompt sent, so it is part of the key too.
+    """
     payload = json.dumps(
-        {"model": model, "prompt": prompt, "label": label}, sort_keys=True, ensure_ascii=False
+        {"model": model, "system": system, "prompt": prompt, "label": label},
+        sort_keys=True,
+        ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 

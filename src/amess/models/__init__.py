@@ -1,13 +1,19 @@
-"""Methods: one file per method, registered by name in `METHODS`."""
+"""Methods: one file each, registered by name in `METHODS`.
 
-from amess.models import text  # noqa: F401  (registers `text`)
+Importing this package imports every method module, so that each registers itself.
+"""
+
+from __future__ import annotations
+
+from amess.models import amess, text  # noqa: F401  (imported to register the methods)
 from amess.models.base import METHODS, IntentModel, IntentOutput, register_method
+
+__all__ = ["METHODS", "IntentModel", "IntentOutput", "register_method", "build_model"]
 
 
 def build_model(name: str, **kwargs) -> IntentModel:
+    """Build the method registered as `name` with the loop's keyword arguments
+    (`config, encoder, num_labels, video_dim, audio_dim, label_names, descriptions`)."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {sorted(METHODS)}")
     return METHODS[name](**kwargs)
-
-
-__all__ = ["METHODS", "IntentModel", "IntentOutput", "build_model", "register_method"]

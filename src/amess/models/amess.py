@@ -1,0 +1,422 @@
+"""A-MESS: anchor-based multimodal embedding (A-ME) with semantic synchronisation (SS).
+
+Implements docs/amess-method.md; section numbers below ("A-ME 3", "SS 4") refer to it.
+Read top to bottom: helpers, the non-verbal encoder, the anchor fusion, then the model.
+
+Choices the paper leaves open (each is an `AmessConfig` switch or documented here):
+- Non-verbal positions are sinusoidal, so that no maximum stream length is fixed at
+  construction (feature lengths come from the dataset, never from a constant here).
+- `topk` scores a token by the scaled dot product between its word embedding and the
+  masked mean of the projected non-verbal streams. The choice of positions is not
+  differentiable; the streams' projection learns through the cross-attention, and the
+  choice follows it.
+- Special tokens are the tokenizer's special ids; position 0 and the last real token
+  ([CLS] / [SEP] in BERT-style encoders) are excluded as well, so a batch built without
+  a tokenizer still never anchors on them.
+- `all` means every real word token (specials and padding excluded): `topk` with k = n.
+- z_m and z_t share one projection (both are the same encoder's pooled utterance), the
+  descriptions have their own: descriptions are a different kind of text.
+- With `ss_loss=none` nothing is projected: `desc_sims` are cosines of the pooled vectors.
+
+einops legend:
+    b  batch              n  text tokens (n + k with `learned` anchors)
+    m  frames of one non-verbal stream (m_v video, m_a audio)
+    d  encoder embedding size      h  encoder hidden size (pooled)
+    k  anchors            s  non-verbal streams the model was built with (1 or 2)
+    C  intent labels      p  shared semantic space (`proj_dim`)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, repeat
+from torch import nn
+
+from amess.config import AmessConfig, Config
+from amess.data.batch import Batch
+from amess.losses import margin_triplet, triplet_contrastive
+from amess.models.base import IntentModel, IntentOutput, register_method
+from amess.models.encoders import TextEncoder
+
+FUSION_INIT_STD = 1e-3
+"""Std of the fusion output projection W at init: with the gate at sigmoid(gate_init) the
+first update of an anchor is a few per cent of a word embedding (A-ME 4: start from the
+text model, yet let gradients reach the fusion and the non-verbal encoders)."""
+MAX_LOGIT_SCALE = 100.0
+"""Upper clamp of a learned SS logit scale 1/tau, as in CLIP (avoids collapse to huge logits)."""
+
+
+def _has_frames(mask: torch.Tensor) -> torch.Tensor:
+    """(b, m) bool -> (b,) bool: whether a sample has any real frame."""
+    return mask.any(dim=1)
+
+
+def _key_padding(mask: torch.Tensor) -> torch.Tensor:
+    """Key padding mask for attention (True = ignore) that never masks a whole row.
+
+    Softmax over an all-masked row is NaN, and a sample can have zero frames (A-ME 1:
+    masks from the true lengths, always). Such rows get their first position unmasked;
+    the callers discard what those rows produce.
+    """
+    pad = ~mask  # (b, m)
+    empty = ~_has_frames(mask)  # (b,)
+    first = torch.zeros_like(pad)
+    first[:, 0] = True
+    return pad & ~(first & empty[:, None])
+
+
+def _sinusoidal(m: int, d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(m, d) fixed sinusoidal positions (Vaswani et al.); d may be odd."""
+    pos = torch.arange(m, device=device, dtype=torch.float32)[:, None]  # (m, 1)
+    freq = torch.exp(torch.arange(0, d, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / d))
+    angles = pos * freq  # (m, ceil(d/2))
+    out = torch.zeros(m, d, device=device, dtype=torch.float32)
+    out[:, 0::2] = torch.sin(angles)
+    out[:, 1::2] = torch.cos(angles[:, : d // 2])
+    return out.to(dtype)
+
+
+class NonverbalEncoder(nn.Module):
+    """A-ME 1: a video or audio stream `(b, m, d_in) -> (b, m, d)`.
+
+    Linear + LayerNorm to the text embedding size, sinusoidal positions, dropout, and
+    optionally one light pre-norm Transformer layer over time (key padding from the mask).
+    """
+
+    def __init__(self, in_dim: int, d: int, *, heads: int, layer: bool, dropout: float):
+        super().__init__()
+        self.proj = nn.Linear(in_dim, d)
+        self.norm = nn.LayerNorm(d)
+        self.dropout = nn.Dropout(dropout)
+        self.layer = (nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=dropout,
+                                                 activation="gelu", batch_first=True, norm_first=True)
+                      if layer else None)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm(self.proj(x))  # (b, m, d)
+        h = self.dropout(h + _sinusoidal(h.shape[1], h.shape[2], h.device, h.dtype))
+        if self.layer is not None:
+            h = self.layer(h, src_key_padding_mask=_key_padding(mask))
+        # Padded frames are zeroed so that nothing downstream can read them by accident.
+        return h * mask[..., None].to(h.dtype)
+
+
+class AnchorFusion(nn.Module):
+    """A-ME 4: each anchor cross-attends to every stream; a gate adds the result.
+
+    a' = a + g * W [u_v; u_a],  g = sigmoid(G [a; u_v; u_a])
+    G starts at zero weights and bias `gate_init` (g = sigmoid(gate_init) everywhere) and
+    W small and bias-free: the model starts close to the text model, and a sample with
+    no frames in any stream (u = 0) leaves its anchors exactly unchanged.
+    """
+
+    def __init__(self, d: int, *, heads: int, streams: int, gate_init: float):
+        super().__init__()
+        self.query_norm = nn.LayerNorm(d)
+        self.attn = nn.ModuleList(nn.MultiheadAttention(d, heads, batch_first=True) for _ in range(streams))
+        self.gate = nn.Linear((1 + streams) * d, d)
+        self.out = nn.Linear(streams * d, d, bias=False)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, gate_init)
+        nn.init.normal_(self.out.weight, std=FUSION_INIT_STD)
+
+    def forward(self, a: torch.Tensor, streams: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """a: (b, k, d) anchors; streams: [(h (b, m, d), mask (b, m) bool)] in build order.
+
+        Returns the fused anchors (b, k, d) and the mean gate per anchor (b, k).
+        """
+        q = self.query_norm(a)  # (b, k, d)
+        us = []
+        for attn, (h, mask) in zip(self.attn, streams):
+            u, _ = attn(q, h, h, key_padding_mask=_key_padding(mask), need_weights=False)  # (b, k, d)
+            us.append(torch.where(_has_frames(mask)[:, None, None], u, torch.zeros_like(u)))
+        u = torch.cat(us, dim=-1)  # (b, k, s*d)
+        g = torch.sigmoid(self.gate(torch.cat([a, u], dim=-1)))  # (b, k, d)
+        return a + g * self.out(u), g.mean(dim=-1)
+
+
+@register_method("amess")
+class AMESS(IntentModel):
+    """A-MESS (docs/amess-method.md): A-ME fusion into the text encoder, plus SS.
+
+    Built by the training loop with `config` (reads `config.model` and `config.amess`),
+    the shared `encoder`, `num_labels` C, the feature sizes of the used streams (None for
+    an unused one), and `descriptions`: one string per label (needed unless
+    `amess.ss_loss=none`; without them there is no `desc_sims`).
+
+    `forward` returns `IntentOutput(logits (b, C), pooled z_m (b, h), extras)` with extras:
+    - `anchor_index` (b, k) long: positions in the input sequence where non-verbal
+      information was injected, -1 for none (k = n in `all` mode, so its width varies
+      by batch; with `learned`, positions 1..k of the lengthened sequence);
+    - `gate` (b, k): mean fusion gate per anchor (only when fusion ran);
+    - `z_m` (b, p): normalised projected multimodal embedding (for plots);
+    - `desc_sims` (b, C): cosine similarity of z_m to each description;
+    - `desc_emb` (C, p): normalised description embeddings. NOT per row: skip it when
+      concatenating extras over batches;
+    - `z_t` (b, p): normalised projected text-only view (only when the triplet loss uses it).
+    The description keys are present whenever descriptions were given, except in training
+    with `ss_loss=none` (nothing would use them).
+    """
+
+    def __init__(self, *, config: Config, encoder: TextEncoder, num_labels: int,
+                 video_dim: int | None = None, audio_dim: int | None = None,
+                 label_names: Sequence[str] | None = None,
+                 descriptions: Sequence[str] | None = None):
+        super().__init__()
+        cfg: AmessConfig = config.amess
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.encoder = encoder
+        self.pooling = config.model.pooling
+        embeddings = encoder.model.get_input_embeddings()
+        d = embeddings.embedding_dim
+
+        # A-ME 1: one encoder per non-verbal stream the run uses, in a fixed order.
+        self.stream_names = [name for name, dim in (("video", video_dim), ("audio", audio_dim)) if dim is not None]
+        fuse = cfg.anchor_mode != "none" and bool(self.stream_names)
+        if fuse and d % cfg.fusion_heads:
+            raise ValueError(f"amess.fusion_heads={cfg.fusion_heads} must divide the encoder's embedding "
+                             f"size {d} ({encoder.name})")
+        dims = {"video": video_dim, "audio": audio_dim}
+        self.nonverbal = nn.ModuleDict({
+            name: NonverbalEncoder(dims[name], d, heads=cfg.fusion_heads, layer=cfg.nonverbal_layer,
+                                   dropout=config.model.dropout)
+            for name in (self.stream_names if fuse else [])
+        })
+        self.fusion = (AnchorFusion(d, heads=cfg.fusion_heads, streams=len(self.stream_names),
+                                    gate_init=cfg.gate_init) if fuse else None)
+        # A-ME 3 `learned`: anchor vectors at the scale of real word embeddings.
+        self.anchor_vectors = (nn.Parameter(torch.randn(cfg.num_anchors, d) * float(embeddings.weight.detach().std()))
+                               if cfg.anchor_mode == "learned" else None)
+        # Special-token ids are never anchors (A-ME 3).
+        tok = encoder.tokenizer
+        special = sorted(set(getattr(tok, "all_special_ids", None) or [])) if tok is not None else []
+        self.register_buffer("special_ids", torch.tensor(special, dtype=torch.long), persistent=False)
+
+        # A-ME 5: classifier head on the pooled multimodal representation.
+        self.dropout = nn.Dropout(config.model.dropout)
+        self.head = nn.Linear(encoder.hidden_size, num_labels)
+
+        # SS 2-3: description encoder and the shared space.
+        self.has_descriptions = descriptions is not None
+        if cfg.ss_loss != "none" and not self.has_descriptions:
+            raise ValueError(f"amess.ss_loss={cfg.ss_loss!r} needs label descriptions (one per label); "
+                             "give the dataset's descriptions or set amess.ss_loss=none")
+        if self.has_descriptions:
+            self._register_descriptions(list(descriptions), num_labels, label_names)
+        if cfg.ss_loss != "none":
+            self.proj_utt = nn.Linear(encoder.hidden_size, cfg.proj_dim)
+            self.proj_desc = nn.Linear(encoder.hidden_size, cfg.proj_dim)
+            log_scale = torch.tensor(math.log(1.0 / cfg.tau))
+            if cfg.learn_tau:
+                self.log_scale = nn.Parameter(log_scale)
+            else:
+                self.register_buffer("log_scale", log_scale)
+        else:
+            self.proj_utt = self.proj_desc = None
+            self.register_buffer("log_scale", torch.tensor(math.log(1.0 / cfg.tau)))
+
+    # ----- SS 1-2: descriptions -------------------------------------------------------
+
+    def _register_descriptions(self, descriptions: list[str], num_labels: int,
+                               label_names: Sequence[str] | None) -> None:
+        """Tokenise the descriptions once; in `frozen` mode also encode them once.
+
+        `frozen` encodes with the encoder as it is now (the pretrained weights), in eval
+        mode and without gradients: the same as a frozen copy of the encoder, but no copy
+        is kept, so the memory cost is the (C, h) cache alone. The cache and the token ids
+        are derived from the descriptions at construction and are not saved in checkpoints.
+        """
+        if len(descriptions) != num_labels:
+            raise ValueError(f"amess: {len(descriptions)} label descriptions for {num_labels} labels; "
+                             "expected one per label, in label order")
+        for i, text in enumerate(descriptions):
+            if not isinstance(text, str) or not text.strip():
+                name = label_names[i] if label_names is not None else i
+                raise ValueError(f"amess: the description of label {name!r} is empty or not a string")
+        if self.encoder.tokenizer is None:
+            raise ValueError("amess: label descriptions need the text encoder's tokenizer")
+        enc = self.encoder.tokenizer(descriptions, padding=True, truncation=True,
+                                     max_length=self.cfg.desc_max_len, return_tensors="pt")
+        device = next(self.encoder.parameters()).device
+        self.register_buffer("desc_input_ids", enc["input_ids"].to(device), persistent=False)  # (C, n_c)
+        self.register_buffer("desc_attention_mask", enc["attention_mask"].to(device), persistent=False)
+        if self.cfg.desc_encoder == "frozen":
+            was_training = self.encoder.training
+            self.encoder.eval()
+            with torch.no_grad():
+                cache = self._encode_descriptions()
+            self.encoder.train(was_training)
+            self.register_buffer("desc_cache", cache, persistent=False)  # (C, h)
+
+    def _encode_descriptions(self) -> torch.Tensor:
+        """(C, h) pooled description embeddings from the (shared) encoder."""
+        hidden = self.encoder(input_ids=self.desc_input_ids, attention_mask=self.desc_attention_mask)
+        return self.encoder.pool(hidden, self.desc_attention_mask, self.pooling)
+
+    def describe(self) -> torch.Tensor:
+        """(C, p) normalised description embeddings e_c (SS 2-3)."""
+        pooled = self.desc_cache if self.cfg.desc_encoder == "frozen" else self._encode_descriptions()
+        e = self.proj_desc(pooled) if self.proj_desc is not None else pooled
+        return F.normalize(e, dim=-1)
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(b, h) -> (b, p) normalised utterance embedding (SS 3), for z_m and z_t alike."""
+        z = self.proj_utt(pooled) if self.proj_utt is not None else pooled
+        return F.normalize(z, dim=-1)
+
+    def logit_scale(self) -> torch.Tensor:
+        """1/tau of the SS similarities; a learned one is clamped to [1, MAX_LOGIT_SCALE]."""
+        if isinstance(self.log_scale, nn.Parameter):
+            return self.log_scale.exp().clamp(1.0, MAX_LOGIT_SCALE)
+        return self.log_scale.exp()
+
+    # ----- A-ME 1-5 ------------------------------------------------------------------
+
+    def _streams(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encoded streams in build order: [(h (b, m, d), mask (b, m) bool)].
+
+        A stream the model was built with but the batch lacks (modality dropped at test
+        time) counts as a stream with no frames: it contributes nothing.
+        """
+        out = []
+        b = batch.input_ids.shape[0]
+        for name in self.nonverbal:
+            x, mask = getattr(batch, name), getattr(batch, f"{name}_mask")
+            enc = self.nonverbal[name]
+            if x is None:
+                d = enc.norm.normalized_shape[0]
+                out.append((batch.input_ids.new_zeros(b, 1, d, dtype=torch.float32),
+                            torch.zeros(b, 1, dtype=torch.bool, device=batch.input_ids.device)))
+                continue
+            if mask is None:
+                mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            out.append((enc(x, mask), mask.bool()))
+        return out
+
+    def _candidates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(b, n) bool: real word tokens, the only positions that may become anchors (A-ME 3)."""
+        real = attention_mask.bool()
+        cand = real & ~torch.isin(input_ids, self.special_ids)
+        cand[:, 0] = False  # [CLS]
+        last = real.long().cumsum(1).argmax(1)  # (b,) index of the last real token: [SEP]
+        return cand.scatter(1, last[:, None], False)
+
+    def _topk(self, e: torch.Tensor, cand: torch.Tensor,
+              streams: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A-ME 3 `topk`: (b, k') indices and (b, k') validity, k' = min(k, n).
+
+        Score = <E_i, summary> / sqrt(d), summary = the mean over streams with frames of
+        each stream's masked mean. Invalid picks (fewer candidates than k) are marked False.
+        """
+        with torch.no_grad():  # only the ranking is used; it carries no gradient
+            total = torch.zeros_like(e[:, 0])  # (b, d)
+            count = torch.zeros_like(e[:, 0, :1])  # (b, 1)
+            for h, mask in streams:
+                w = mask.to(h.dtype)[..., None]  # (b, m, 1)
+                total = total + (h * w).sum(1) / w.sum(1).clamp_min(1.0)
+                count = count + _has_frames(mask).to(h.dtype)[:, None]
+            summary = total / count.clamp_min(1.0)  # (b, d)
+            scores = einsum(e, summary, "b n d, b d -> b n") / math.sqrt(e.shape[-1])
+            scores = scores.masked_fill(~cand, float("-inf"))
+            top, idx = scores.topk(min(self.cfg.num_anchors, e.shape[1]), dim=1)  # (b, k')
+        return idx, torch.isfinite(top)
+
+    def _fuse_in_place(self, e: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor,
+                       streams: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A-ME 4-5: fuse the anchors at `idx` (b, k) and write them back into E (b, n, d).
+
+        Written back as E + scatter_add(delta), out of place, so autograd sees every step;
+        invalid anchors get a zero delta.
+        """
+        idx_d = repeat(idx, "b k -> b k d", d=e.shape[-1])
+        a = e.gather(1, idx_d)  # (b, k, d)
+        fused, gate = self.fusion(a, streams)
+        delta = (fused - a) * valid[..., None].to(a.dtype)  # (b, k, d)
+        return e.scatter_add(1, idx_d, delta), gate
+
+    def forward(self, batch: Batch) -> IntentOutput:
+        cfg = self.cfg
+        input_ids, attention_mask, token_type_ids = batch.input_ids, batch.attention_mask, batch.token_type_ids
+        b, n = input_ids.shape
+        streams = self._streams(batch) if self.fusion is not None else []
+        e = self.encoder.embed(input_ids)  # (b, n, d)  A-ME 2
+        extras: dict[str, torch.Tensor] = {}
+        anchor_index = input_ids.new_full((b, n if cfg.anchor_mode == "all" else cfg.num_anchors), -1)
+
+        if cfg.anchor_mode == "learned":
+            # A-ME 3 `learned`: k vectors inserted after [CLS]; masks and segments lengthened.
+            anchors = repeat(self.anchor_vectors, "k d -> b k d", b=b)
+            if self.fusion is not None:
+                anchors, extras["gate"] = self.fusion(anchors, streams)
+            k = anchors.shape[1]
+            e = torch.cat([e[:, :1], anchors, e[:, 1:]], dim=1)  # (b, n + k, d)
+            attention_mask = torch.cat([attention_mask[:, :1], attention_mask.new_ones(b, k),
+                                        attention_mask[:, 1:]], dim=1)
+            if token_type_ids is not None:
+                token_type_ids = torch.cat([token_type_ids[:, :1], token_type_ids.new_zeros(b, k),
+                                            token_type_ids[:, 1:]], dim=1)
+            anchor_index = repeat(torch.arange(1, k + 1, device=input_ids.device), "k -> b k", b=b)
+        elif cfg.anchor_mode in ("topk", "all") and self.fusion is not None:
+            cand = self._candidates(input_ids, attention_mask)  # (b, n)
+            if cfg.anchor_mode == "topk":
+                idx, valid = self._topk(e, cand, streams)
+            else:
+                idx, valid = repeat(torch.arange(n, device=e.device), "n -> b n", b=b), cand
+            e, extras["gate"] = self._fuse_in_place(e, idx, valid, streams)
+            anchor_index[:, : idx.shape[1]] = torch.where(valid, idx, torch.full_like(idx, -1))
+        extras["anchor_index"] = anchor_index
+
+        hidden = self.encoder(inputs_embeds=e, attention_mask=attention_mask,
+                              token_type_ids=token_type_ids)  # (b, n, h)  A-ME 5
+        pooled = self.encoder.pool(hidden, attention_mask, self.pooling)  # (b, h) = z_m
+        logits = self.head(self.dropout(pooled))  # (b, C)
+
+        if self.has_descriptions and (cfg.ss_loss != "none" or not self.training):
+            desc = self.describe()  # (C, p)
+            z_m = self.project(pooled)  # (b, p)
+            extras.update(z_m=z_m, desc_emb=desc, desc_sims=z_m @ desc.t())
+            if cfg.ss_loss == "triplet" and cfg.text_view:
+                # SS 3: the text-only view, the same encoder on the text alone.
+                text_hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                           token_type_ids=batch.token_type_ids)
+                extras["z_t"] = self.project(self.encoder.pool(text_hidden, batch.attention_mask, self.pooling))
+        return IntentOutput(logits=logits, pooled=pooled, extras=extras)
+
+    # ----- SS 4-6: loss and inference ----------------------------------------------
+
+    def loss(self, out: IntentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """SS 5: CE(head(z_m), y) + ss_lambda * L_SS, on in-scope rows only (label < C)."""
+        keep = batch.labels < self.num_labels
+        parts: dict[str, float] = {}
+        if "gate" in out.extras:
+            parts["gate"] = float(out.extras["gate"].detach().mean())
+        if not bool(keep.any()):
+            return out.logits.sum() * 0.0, {**parts, "ce": 0.0}
+        y = batch.labels[keep]
+        ce = F.cross_entropy(out.logits[keep], y)
+        parts["ce"] = float(ce.detach())
+        if self.cfg.ss_loss == "none":
+            return ce, parts
+        z_m, desc = out.extras["z_m"][keep], out.extras["desc_emb"]
+        scale = self.logit_scale()
+        if self.cfg.ss_loss == "triplet":
+            z_t = out.extras["z_t"][keep] if self.cfg.text_view else None
+            ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=self.cfg.text_view)
+        else:
+            ss = margin_triplet(z_m, desc, y, self.cfg.margin)
+        parts.update(ss=float(ss.detach()), scale=float(scale.detach()))
+        return ce + self.cfg.ss_lambda * ss, parts
+
+    def predict_scores(self, out: IntentOutput) -> torch.Tensor:
+        """SS 6: (b, C) probabilities from the head, the descriptions, or their average."""
+        head = out.logits.softmax(dim=-1)
+        if self.cfg.inference == "head":
+            return head
+        sim = (out.extras["desc_sims"] * self.logit_scale()).softmax(dim=-1)
+        return sim if self.cfg.inference == "similarity" else 0.5 * (head + sim)

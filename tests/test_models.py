@@ -1,0 +1,353 @@
+"""Methods on a tiny random BERT and hand-built batches: shapes, masks, gradients, losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, BertTokenizer
+
+from amess.config import AmessConfig, Config, ModelConfig
+from amess.data.batch import Batch
+from amess.losses import description_ce, margin_triplet, symmetric_infonce, triplet_contrastive
+from amess.models import METHODS, build_model
+from amess.models.encoders import TextEncoder
+
+PAD, CLS, SEP = 0, 1, 2
+SPECIAL = {0, 1, 2, 3, 4}
+VOCAB = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]"] + [f"w{i}" for i in range(5, 100)]
+C = 3
+DESCRIPTIONS = ["w10 w11 w12", "w20 w21", "w30 w31 w32 w33 w34"]
+LABELS = ["greet", "thank", "complain"]
+DV, DA = 6, 5
+MODALITY_SETS = {"text": (False, False), "text+video": (True, False), "text+audio": (False, True),
+                 "all": (True, True)}
+
+
+def tiny_encoder(seed: int = 0) -> TextEncoder:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=37, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    return TextEncoder(BertModel(cfg, add_pooling_layer=False), tok, "tiny-bert")
+
+
+def make_config(**amess) -> Config:
+    return Config(model=ModelConfig(dropout=0.0), amess=AmessConfig(**amess))
+
+
+def make_model(method: str = "amess", *, video: bool = True, audio: bool = True, descriptions=True,
+               seed: int = 0, **amess):
+    encoder = tiny_encoder(seed)
+    torch.manual_seed(seed + 1)
+    return build_model(method, config=make_config(**amess), encoder=encoder, num_labels=C,
+                       video_dim=DV if video else None, audio_dim=DA if audio else None,
+                       label_names=LABELS, descriptions=DESCRIPTIONS if descriptions else None)
+
+
+def make_batch(*, lengths=(10, 7, 5, 3), labels=None, video: bool = True, audio: bool = True,
+               video_lengths=None, audio_lengths=None, seed: int = 0) -> Batch:
+    """[CLS]=1 at 0, [SEP]=2 at the last real position, padding 0 with attention 0."""
+    g = torch.Generator().manual_seed(seed)
+    b, n = len(lengths), max(lengths)
+    ids = torch.zeros(b, n, dtype=torch.long)
+    att = torch.zeros(b, n, dtype=torch.long)
+    for i, length in enumerate(lengths):
+        ids[i, 0] = CLS
+        ids[i, 1:length - 1] = torch.randint(5, 100, (length - 2,), generator=g)
+        ids[i, length - 1] = SEP
+        att[i, :length] = 1
+    labels = torch.tensor(labels if labels is not None else [i % C for i in range(b)])
+    batch = Batch(ids=[f"s{i}" for i in range(b)], input_ids=ids, attention_mask=att, labels=labels,
+                  token_type_ids=torch.zeros_like(ids))
+
+    def stream(dim, frame_lengths, default_m):
+        frame_lengths = list(frame_lengths or [default_m - i % 3 for i in range(b)])
+        m = max(1, max(frame_lengths))
+        x = torch.randn(b, m, dim, generator=g)
+        mask = torch.arange(m)[None, :] < torch.tensor(frame_lengths)[:, None]
+        return x * mask[..., None], mask
+
+    if video:
+        batch.video, batch.video_mask = stream(DV, video_lengths, 7)
+    if audio:
+        batch.audio, batch.audio_mask = stream(DA, audio_lengths, 9)
+    return batch
+
+
+def rows(batch: Batch, keep: list[int]) -> Batch:
+    """The sub-batch of the given rows (same padding width)."""
+    sel = torch.tensor(keep)
+    pick = lambda t: None if t is None else t[sel]  # noqa: E731
+    return Batch(ids=[batch.ids[i] for i in keep], input_ids=pick(batch.input_ids),
+                 attention_mask=pick(batch.attention_mask), labels=pick(batch.labels),
+                 token_type_ids=pick(batch.token_type_ids), video=pick(batch.video),
+                 video_mask=pick(batch.video_mask), audio=pick(batch.audio), audio_mask=pick(batch.audio_mask))
+
+
+def text_pooled(model, batch: Batch) -> torch.Tensor:
+    hidden = model.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return model.encoder.pool(hidden, batch.attention_mask, "cls")
+
+
+# ----- registry and the text baseline ---------------------------------------------------
+
+def test_registry_and_unknown_method():
+    assert {"text", "amess"} <= set(METHODS)
+    with pytest.raises(ValueError, match="known methods: .*amess.*text"):
+        build_model("nope")
+
+
+def test_text_baseline_ignores_nonverbal():
+    model = make_model("text").eval()
+    batch = make_batch()
+    out = model(batch)
+    assert out.logits.shape == (4, C) and out.pooled.shape == (4, 32)
+    assert torch.allclose(out.logits, model(make_batch(video=False, audio=False)).logits)
+    assert torch.equal(model.predict_scores(out), out.logits)
+    loss, parts = model.loss(out, batch)
+    assert torch.isfinite(loss) and "ce" in parts
+
+
+# ----- A-ME: shapes, anchors, masks ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["topk", "learned", "all", "none"])
+@pytest.mark.parametrize("mods", list(MODALITY_SETS))
+def test_shapes_every_mode_and_modality_subset(mode, mods):
+    video, audio = MODALITY_SETS[mods]
+    model = make_model(video=video, audio=audio, anchor_mode=mode, num_anchors=3)
+    batch = make_batch(video=video, audio=audio)
+    out = model(batch)
+    b, n = batch.input_ids.shape
+    assert out.logits.shape == (b, C) and out.pooled.shape == (b, 32)
+    width = n if mode == "all" else 3
+    assert out.extras["anchor_index"].shape == (b, width)
+    assert out.extras["anchor_index"].dtype == torch.long
+    assert out.extras["z_m"].shape == (b, 128) and out.extras["z_t"].shape == (b, 128)
+    assert out.extras["desc_sims"].shape == (b, C) and out.extras["desc_emb"].shape == (C, 128)
+    fused = mode != "none" and (video or audio)
+    assert ("gate" in out.extras) == fused
+    if mode == "learned":
+        assert torch.equal(out.extras["anchor_index"], torch.tensor([[1, 2, 3]] * b))
+    elif not fused:
+        assert (out.extras["anchor_index"] == -1).all()
+    loss, _ = model.loss(out, batch)
+    assert torch.isfinite(loss) and all(torch.isfinite(v).all() for v in out.extras.values())
+
+
+@pytest.mark.parametrize("mode", ["topk", "all"])
+def test_anchors_are_real_word_tokens_only(mode):
+    # Rows with 8, 3 (one word) and 2 (no word) real tokens; k = 6 exceeds most rows' words.
+    model = make_model(anchor_mode=mode, num_anchors=6).eval()
+    batch = make_batch(lengths=(8, 3, 2), labels=[0, 1, 2])
+    idx = model(batch).extras["anchor_index"]
+    for i in range(3):
+        chosen = idx[i][idx[i] >= 0]
+        assert len(set(chosen.tolist())) == len(chosen)
+        assert bool(batch.attention_mask[i, chosen].all())
+        assert not set(batch.input_ids[i, chosen].tolist()) & SPECIAL
+    assert [(idx[i] >= 0).sum().item() for i in range(3)] == [6, 1, 0]
+
+
+def test_row_without_word_tokens_equals_text_model():
+    # No candidate anchor, hence no fusion: the row's representation is the text model's.
+    model = make_model(anchor_mode="topk").eval()
+    batch = make_batch(lengths=(6, 2), labels=[0, 1])
+    with torch.no_grad():
+        pooled = model(batch).pooled
+        assert torch.allclose(pooled[1], text_pooled(model, batch)[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["topk", "learned", "all"])
+def test_no_frames_is_finite(mode):
+    model = make_model(anchor_mode=mode)
+    batch = make_batch(video_lengths=[7, 0, 3, 0], audio_lengths=[0, 0, 9, 0])
+    for training in (True, False):  # eval takes PyTorch's fused attention path
+        model.train(training)
+        out = model(batch)
+        loss, _ = model.loss(out, batch)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(loss)
+    model.train()
+    model.loss(model(batch), batch)[0].backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_dropped_modality_equals_empty_stream():
+    # A model built with video, given a batch without it, treats it as zero frames.
+    model = make_model(video=True, audio=True).eval()
+    full = make_batch(video_lengths=[0, 0, 0, 0])
+    dropped = make_batch()
+    dropped.video = dropped.video_mask = None
+    with torch.no_grad():
+        assert torch.allclose(model(full).logits, model(dropped).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["topk", "learned", "all"])
+def test_gradient_reaches_nonverbal_and_fusion(mode):
+    model = make_model(anchor_mode=mode)
+    batch = make_batch()
+    model.loss(model(batch), batch)[0].backward()
+    names = [(n, p) for n, p in model.named_parameters() if n.startswith(("nonverbal.", "fusion.", "anchor_"))]
+    assert any(n.startswith("nonverbal.video") for n, _ in names) and any(n.startswith("fusion.") for n, _ in names)
+    for n, p in names:
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_init_stays_close_to_text_model():
+    # A-ME 4: small gate and small W, so training starts from the text model's behaviour.
+    batch = make_batch()
+    with torch.no_grad():
+        none = make_model(anchor_mode="none").eval()
+        assert torch.allclose(none(batch).pooled, text_pooled(none, batch), atol=1e-5)
+        model = make_model(anchor_mode="topk").eval()
+        fused, text = model(batch).pooled, text_pooled(model, batch)
+    rel = (fused - text).norm(dim=-1) / text.norm(dim=-1)
+    assert float(rel.max()) < 0.02
+    assert not torch.allclose(fused, text)  # ... yet the streams do reach the representation
+
+
+@pytest.mark.parametrize("mode", ["topk", "learned", "all", "none"])
+@pytest.mark.parametrize("desc", ["shared", "frozen"])
+def test_parameters_finite_after_construction(mode, desc):
+    model = make_model(anchor_mode=mode, desc_encoder=desc)
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if p.is_floating_point():
+            assert torch.isfinite(p).all(), name
+
+
+# ----- SS: loss functions by hand ---------------------------------------------------------
+
+def test_description_ce_by_hand():
+    e = torch.eye(3)
+    labels = torch.tensor([0, 2])
+    aligned = description_ce(e[labels], e, labels, 0.5)
+    expected = -math.log(math.exp(2) / (math.exp(2) + 2))
+    assert aligned.item() == pytest.approx(expected, rel=1e-6)
+    wrong = description_ce(e[torch.tensor([1, 0])], e, labels, 0.5)
+    random = description_ce(F.normalize(torch.randn(2, 3), dim=-1), e, labels, 0.5)
+    assert aligned < random and aligned < wrong
+
+
+def test_symmetric_infonce_by_hand():
+    a, b = F.normalize(torch.randn(5, 4), dim=-1), F.normalize(torch.randn(5, 4), dim=-1)
+    assert symmetric_infonce(a, b, 0.1).item() == pytest.approx(symmetric_infonce(b, a, 0.1).item(), rel=1e-6)
+    eye = torch.eye(2)
+    expected = -math.log(math.exp(10) / (math.exp(10) + 1))
+    assert symmetric_infonce(eye, eye, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    assert symmetric_infonce(a, a, 0.1) < symmetric_infonce(a, b, 0.1)
+
+
+def test_triplet_contrastive_is_mean_of_terms():
+    z_m, z_t = F.normalize(torch.randn(4, 3), dim=-1), F.normalize(torch.randn(4, 3), dim=-1)
+    e, y = F.normalize(torch.randn(C, 3), dim=-1), torch.tensor([0, 1, 2, 0])
+    terms = [description_ce(z_m, e, y, 0.2), description_ce(z_t, e, y, 0.2), symmetric_infonce(z_m, z_t, 0.2)]
+    assert triplet_contrastive(z_m, z_t, e, y, 0.2).item() == pytest.approx(sum(terms).item() / 3, rel=1e-6)
+    assert triplet_contrastive(z_m, None, e, y, 0.2, text_view=False).item() == pytest.approx(terms[0].item())
+    with pytest.raises(ValueError, match="z_t"):
+        triplet_contrastive(z_m, None, e, y, 0.2)
+
+
+def test_margin_triplet_by_hand():
+    e = torch.eye(3)
+    y = torch.tensor([0, 1])
+    assert margin_triplet(e[y], e, y, 0.2).item() == 0.0  # cos 1 vs 0: margin satisfied
+    z = F.normalize(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]]), dim=-1)  # tied with a negative
+    assert margin_triplet(z, e, y, 0.2).item() == pytest.approx(0.2, abs=1e-6)
+    z_bad = e[torch.tensor([1, 0])]  # closer to the wrong description: 0.2 - 0 + 1
+    assert margin_triplet(z_bad, e, y, 0.2).item() == pytest.approx(1.2, abs=1e-6)
+
+
+# ----- SS in the model --------------------------------------------------------------------
+
+@pytest.mark.parametrize("ss", ["triplet", "margin", "none"])
+def test_oos_rows_are_excluded(ss):
+    model = make_model(ss_loss=ss)  # training mode; dropout is 0, so rows are deterministic
+    batch = make_batch(lengths=(10, 7, 5, 3, 6), labels=[0, C, 1, C, 2])
+    loss, _ = model.loss(model(batch), batch)
+    sub = rows(batch, [0, 2, 4])
+    loss_sub, _ = model.loss(model(sub), sub)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(loss_sub.item(), rel=1e-5, abs=1e-6)
+    oos = rows(batch, [1, 3])
+    zero, _ = model.loss(model(oos), oos)
+    zero.backward()
+    assert zero.item() == 0.0
+
+
+def test_frozen_descriptions_get_no_gradient_shared_do():
+    frozen = make_model(desc_encoder="frozen")
+    assert not frozen.desc_cache.requires_grad
+    before = frozen.desc_cache.clone()
+    frozen.describe().sum().backward()
+    assert frozen.proj_desc.weight.grad is not None
+    assert all(p.grad is None for p in frozen.encoder.parameters())
+    with torch.no_grad():  # the cache is the pretrained encoder's, and stays so as it trains
+        for p in frozen.encoder.parameters():
+            p.add_(0.1)
+    frozen.describe()
+    assert torch.equal(frozen.desc_cache, before)
+    assert "desc_cache" not in frozen.state_dict()
+
+    shared = make_model(desc_encoder="shared")
+    assert not hasattr(shared, "desc_cache")
+    shared.describe().sum().backward()
+    emb = shared.encoder.model.get_input_embeddings().weight.grad
+    assert emb is not None and emb[10].abs().sum() > 0  # "w10", a description token
+
+
+@pytest.mark.parametrize("inference", ["head", "similarity", "both"])
+def test_predict_scores_are_probabilities(inference):
+    model = make_model(inference=inference).eval()
+    with torch.no_grad():
+        scores = model.predict_scores(model(make_batch()))
+    assert scores.shape == (4, C) and (scores >= 0).all()
+    assert torch.allclose(scores.sum(-1), torch.ones(4), atol=1e-6)
+
+
+def test_switches_change_what_is_computed():
+    batch = make_batch()
+    assert "z_t" not in make_model(text_view=False)(batch).extras
+    model = make_model(ss_loss="none")
+    assert model.proj_utt is None and "desc_sims" not in model(batch).extras  # training: unused
+    assert model.eval()(batch).extras["desc_sims"].shape == (4, C)  # evaluation: for OOD detectors
+    fixed = make_model(learn_tau=False, tau=0.05)
+    assert fixed.logit_scale().item() == pytest.approx(20.0) and not fixed.log_scale.requires_grad
+    plain = make_model(ss_loss="none", descriptions=False).eval()
+    assert "desc_sims" not in plain(batch).extras
+
+
+def test_contradictions_are_rejected():
+    with pytest.raises(ValueError, match="inference"):
+        AmessConfig(inference="similarity", ss_loss="none")
+    with pytest.raises(ValueError, match="num_anchors"):
+        AmessConfig(anchor_mode="topk", num_anchors=0)
+    with pytest.raises(ValueError, match="anchor_mode"):
+        AmessConfig(anchor_mode="sparse")
+    AmessConfig(anchor_mode="none", num_anchors=0)
+    with pytest.raises(ValueError, match="needs label descriptions"):
+        make_model(descriptions=False)
+    with pytest.raises(ValueError, match="fusion_heads"):
+        make_model(fusion_heads=5)
+    with pytest.raises(ValueError, match="3 labels"):
+        build_model("amess", config=make_config(), encoder=tiny_encoder(), num_labels=C, video_dim=DV,
+                    audio_dim=None, label_names=LABELS, descriptions=DESCRIPTIONS[:2])
+    assert Config.from_dict({"amess": {"anchor_mode": "learned"}}).amess.anchor_mode == "learned"
+
+
+@pytest.mark.parametrize("kw", [{}, {"anchor_mode": "learned", "ss_loss": "margin"},
+                                {"desc_encoder": "frozen", "learn_tau": False}])
+def test_training_steps_reduce_loss(kw):
+    model = make_model(**kw)
+    batch = make_batch(lengths=(10, 7, 5, 3, 8, 6), labels=[0, 1, 2, 0, 1, 2])
+    opt = torch.optim.AdamW(model.param_groups(lr=3e-3, weight_decay=0.01))
+    losses = []
+    for _ in range(15):
+        loss, _ = model.loss(model(batch), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.7 * losses[0]
