@@ -107,7 +107,7 @@ def test_text_baseline_ignores_nonverbal():
     out = model(batch)
     assert out.logits.shape == (4, C) and out.pooled.shape == (4, 32)
     assert torch.allclose(out.logits, model(make_batch(video=False, audio=False)).logits)
-    assert torch.equal(model.predict_scores(out), out.logits)
+    assert torch.allclose(model.predict_scores(out), out.logits.softmax(-1))
     loss, parts = model.loss(out, batch)
     assert torch.isfinite(loss) and "ce" in parts
 
@@ -178,8 +178,8 @@ def test_no_frames_is_finite(mode):
 def test_dropped_modality_equals_empty_stream():
     # A model built with video, given a batch without it, treats it as zero frames.
     model = make_model(video=True, audio=True).eval()
-    full = make_batch(video_lengths=[0, 0, 0, 0])
-    dropped = make_batch()
+    full, dropped = make_batch(), make_batch()
+    full.video_mask = torch.zeros_like(full.video_mask)
     dropped.video = dropped.video_mask = None
     with torch.no_grad():
         assert torch.allclose(model(full).logits, model(dropped).logits, atol=1e-6)
@@ -235,8 +235,8 @@ def test_symmetric_infonce_by_hand():
     a, b = F.normalize(torch.randn(5, 4), dim=-1), F.normalize(torch.randn(5, 4), dim=-1)
     assert symmetric_infonce(a, b, 0.1).item() == pytest.approx(symmetric_infonce(b, a, 0.1).item(), rel=1e-6)
     eye = torch.eye(2)
-    expected = -math.log(math.exp(10) / (math.exp(10) + 1))
-    assert symmetric_infonce(eye, eye, 0.1).item() == pytest.approx(expected, rel=1e-5)
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert symmetric_infonce(eye, eye, 0.5).item() == pytest.approx(expected, rel=1e-5)
     assert symmetric_infonce(a, a, 0.1) < symmetric_infonce(a, b, 0.1)
 
 
@@ -343,7 +343,7 @@ def test_training_steps_reduce_loss(kw):
     batch = make_batch(lengths=(10, 7, 5, 3, 8, 6), labels=[0, 1, 2, 0, 1, 2])
     opt = torch.optim.AdamW(model.param_groups(lr=3e-3, weight_decay=0.01))
     losses = []
-    for _ in range(15):
+    for _ in range(8):
         loss, _ = model.loss(model(batch), batch)
         opt.zero_grad()
         loss.backward()

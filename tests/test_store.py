@@ -305,3 +305,14 @@ def test_bad_names_and_dtypes(tmp_path):
         convert_arrays([], tmp_path, "../evil", progress=False)
     with pytest.raises(ValueError, match="float16 or float32"):
         convert_arrays([], tmp_path, "a", dtype="int8", progress=False)
+
+
+def test_reads_stay_correct_across_page_releases(tmp_path):
+    feats = _features(n=50, dim=64, seed=7, max_t=60)
+    convert_arrays(feats.items(), tmp_path, "a", dtype="float32", progress=False)
+    store = open_store(tmp_path, "a")
+    for _ in range(2):  # > 16 reads: the mapping's pages are released and faulted back in
+        for sid, arr in reversed(list(feats.items())):
+            np.testing.assert_array_equal(store.get(sid), arr)
+    if hasattr(__import__("mmap"), "MADV_DONTNEED"):
+        assert store._release  # madvise worked on this platform

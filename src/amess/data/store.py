@@ -82,6 +82,9 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHUNK = 1 << 22  # 4 MiB for hashing
 _WRITE_BUFFER = 1 << 22
 _F16_MAX = float(np.finfo(np.float16).max)
+_RELEASE_EVERY = (32 << 20, 16)  # release the mapping's pages after this many bytes or reads
+
+
 
 __all__ = [
     "StoreError", "IncompleteStoreError", "MemmapFeatures", "convert_pickle", "convert_arrays",
@@ -557,10 +560,10 @@ class MemmapFeatures:
     the (small) index and reopen the file themselves.
 
     `release_pages`: pages of a file mapping count toward the process's RSS once touched
-    and stay resident until the kernel needs the memory. With this on (default, where the
-    platform supports `madvise`), the pages of each read are released right after the
-    copy; the data stays in the OS page cache, so rereading is still fast, but the
-    process's RSS stays at its working set instead of growing to the store's size.
+    and stay resident until the kernel needs the memory, so a full epoch would show an RSS
+    as large as the store. With this on (default, where the platform has `madvise`), the
+    mapping's pages are released (MADV_DONTNEED) after every 16 reads or 32 MiB; the data stays in
+    the OS page cache, so rereading is still fast, and RSS stays near the working set.
     """
 
     def __init__(self, store_dir: str | Path, name: str, *, max_len: int | None = None,
@@ -603,6 +606,7 @@ class MemmapFeatures:
         self._pos = {sid: i for i, sid in enumerate(self._ids)}
         self._release = release_pages and hasattr(mmap, "MADV_DONTNEED")
         self._row_bytes = self.dim * self.dtype.itemsize
+        self._touched = self._reads = 0
         self._mm: np.memmap | None = None
 
     # -- mapping ---------------------------------------------------------------------
@@ -659,19 +663,22 @@ class MemmapFeatures:
         mm = self._map()
         out = mm[off:off + n].astype(np.float32)  # astype copies: nothing refers to the map afterwards
         if self._release:
-            self._release_rows(mm, off, n)
+            self._touched += n * self._row_bytes
+            self._reads += 1
+            if self._touched >= _RELEASE_EVERY[0] or self._reads >= _RELEASE_EVERY[1]:
+                self._release_pages(mm)
         return out
 
-    def _release_rows(self, mm: np.memmap, off: int, n: int) -> None:
+    def _release_pages(self, mm: np.memmap) -> None:
+        """Unmap every resident page of the mapping (file-backed and read-only, so nothing is
+        lost: the data stays in the page cache and later reads fault it back in cheaply).
+        The whole range is released, not just the last sample's: the kernel maps neighbouring
+        pages around each fault (fault-around, large folios), which would otherwise pile up."""
+        self._touched = self._reads = 0
         raw = getattr(mm, "_mmap", None)
-        if raw is None:
-            self._release = False
-            return
-        start = off * self._row_bytes
-        aligned = start - start % mmap.PAGESIZE
         try:
-            raw.madvise(mmap.MADV_DONTNEED, aligned, start + n * self._row_bytes - aligned)
-        except (OSError, ValueError, AttributeError):
+            raw.madvise(mmap.MADV_DONTNEED, 0, len(raw))
+        except (OSError, ValueError, AttributeError, TypeError):
             self._release = False
 
     def length(self, sample_id: str) -> int:

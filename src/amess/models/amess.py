@@ -415,8 +415,8 @@ class AMESS(IntentModel):
 
     def predict_scores(self, out: IntentOutput) -> torch.Tensor:
         """SS 6: (b, C) probabilities from the head, the descriptions, or their average."""
-        head = out.logits.softmax(dim=-1)
+        head = out.logits.float().softmax(dim=-1)
         if self.cfg.inference == "head":
             return head
-        sim = (out.extras["desc_sims"] * self.logit_scale()).softmax(dim=-1)
+        sim = (out.extras["desc_sims"].float() * self.logit_scale()).softmax(dim=-1)
         return sim if self.cfg.inference == "similarity" else 0.5 * (head + sim)

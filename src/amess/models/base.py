@@ -57,8 +57,8 @@ class IntentModel(nn.Module):
         return ce, {"ce": float(ce.detach())}
 
     def predict_scores(self, out: IntentOutput) -> torch.Tensor:
-        """`(b, C)` scores whose argmax is the prediction. Default: the logits."""
-        return out.logits
+        """`(b, C)` class probabilities whose argmax is the prediction. Default: softmax of the logits."""
+        return out.logits.float().softmax(-1)
 
     def param_groups(self, lr: float, weight_decay: float, encoder_lr: float | None = None) -> list[dict]:
         """AdamW groups: no decay on biases and norms; the encoder may use its own LR."""

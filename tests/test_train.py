@@ -1,0 +1,89 @@
+"""The one training loop: smoke run, run-folder contents, seed determinism, evaluate."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from amess.cli import main
+
+
+def _train(out, data_dir, enc, *extra):
+    args = ["train", "--data-dir", str(data_dir), "--method", "text", "--text-encoder", str(enc),
+            "--epochs", "2", "--max-steps", "2", "--batch-size", "8", "--no-progress", "--out", str(out), *extra]
+    assert main(args) == 0
+
+
+def test_two_step_training_writes_a_complete_run_folder(tmp_path, synth_dir, tiny_encoder_dir):
+    out = tmp_path / "run"
+    _train(out, synth_dir, tiny_encoder_dir, "--seeds", "0", "1")
+    summary = json.loads((out / "summary.json").read_text())
+    for split in ("test", "dev"):
+        for k in ("acc", "f1_macro", "precision_macro", "recall_macro", "f1_weighted", "precision_weighted",
+                  "recall_weighted"):
+            assert 0.0 <= summary[split][k]["mean"] <= 1.0 and summary[split][k]["n"] == 2
+    for s in (0, 1):
+        d = out / f"seed_{s}"
+        for f in ("config.yaml", "metrics.json", "predictions.csv", "model.pt", "training_curve.png",
+                  "confusion_matrix.png", "outputs_test.npz"):
+            assert (d / f).is_file(), f
+        m = json.loads((d / "metrics.json").read_text())
+        assert m["steps"] == 2 and m["seed"] == s
+        with open(d / "predictions.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert {r["split"] for r in rows} == {"dev", "test"}
+        probs = np.array([[float(v) for k, v in r.items() if k.startswith("p_")] for r in rows])
+        assert probs.shape[1] == 20 and np.allclose(probs.sum(1), 1, atol=1e-3)
+    import yaml
+
+    assert yaml.safe_load((out / "seed_1" / "config.yaml").read_text())["train"]["seeds"] == [1]
+
+
+def test_same_seed_same_result(tmp_path, synth_dir, tiny_encoder_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train(a, synth_dir, tiny_encoder_dir, "--modalities", "text")
+    _train(b, synth_dir, tiny_encoder_dir, "--modalities", "text")
+    pa = (a / "seed_0" / "predictions.csv").read_text()
+    pb = (b / "seed_0" / "predictions.csv").read_text()
+    assert pa == pb
+    c = tmp_path / "c"
+    _train(c, synth_dir, tiny_encoder_dir, "--modalities", "text", "--seeds", "1")
+    assert (c / "seed_1" / "predictions.csv").read_text() != pa
+
+
+def test_evaluate_reproduces_test_metrics(tmp_path, synth_dir, tiny_encoder_dir):
+    out = tmp_path / "run"
+    _train(out, synth_dir, tiny_encoder_dir)
+    before = json.loads((out / "summary.json").read_text())["test"]
+    assert main(["evaluate", str(out), "--split", "test"]) == 0
+    after = json.loads((out / "summary.json").read_text())["test"]
+    for k in before:
+        assert after[k]["mean"] == pytest.approx(before[k]["mean"], abs=1e-6)
+
+
+def test_heldback_dev_and_missing_test_split(tmp_path, real_mintrec_text, tiny_encoder_dir):
+    out = tmp_path / "run"
+    _train(out, real_mintrec_text, tiny_encoder_dir, "--modalities", "text", "--dev-split", "train:0.1",
+           "--test-splits", "dev", "test")
+    summary = json.loads((out / "summary.json").read_text())
+    assert "train_holdout" in summary and "dev" in summary and "test" not in summary
+    m = json.loads((out / "seed_0" / "metrics.json").read_text())
+    assert m["metrics"]["dev"]["acc"] >= 0.0
+
+
+def test_missing_training_split_is_a_clear_error(tmp_path, real_mintrec_text, tiny_encoder_dir, caplog):
+    (real_mintrec_text / "dev.tsv").unlink()
+    args = ["train", "--data-dir", str(real_mintrec_text), "--modalities", "text", "--method", "text",
+            "--text-encoder", str(tiny_encoder_dir), "--out", str(tmp_path / "r"), "--no-progress"]
+    assert main(args) == 2
+    assert "dev.tsv: split 'dev' is needed for training but missing" in caplog.text
+
+
+def test_unloadable_encoder_says_how_to_fix(tmp_path):
+    from amess.models.encoders import load_text_encoder
+
+    with pytest.raises(RuntimeError, match="Point --text-encoder at a local folder"):
+        load_text_encoder(str(tmp_path / "no-such-model"))
