@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from amess.data.batch import pad_frames
 from amess.data.store import MemmapFeatures, convert_arrays
@@ -69,7 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-release", action="store_true", help="keep touched mapping pages resident")
     ap.add_argument("--keep", action="store_true", help="do not delete the store afterwards")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for padding (1, as in a DataLoader worker; more oversubscribes small ops)")
+    ap.add_argument("--reuse", action="store_true", help="read an existing store in --out (written with --keep)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
     out = args.out or Path(tempfile.mkdtemp(prefix="amess_store_bench_", dir="/tmp"))
@@ -79,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         total_bytes = 0
         t0 = time.perf_counter()
-        for k, (name, (dim, mean, cap)) in enumerate(MODALITIES.items()):
+        for k, (name, (dim, mean, cap)) in enumerate(MODALITIES.items() if not args.reuse else ()):
             lens = lengths(args.n, mean, cap, rng)
             t = time.perf_counter()
             info = convert_arrays(synthetic(ids, lens, dim, args.seed + k), out, name, dtype=args.dtype,
@@ -97,20 +102,24 @@ def main(argv: list[str] | None = None) -> None:
         random.Random(args.seed).shuffle(order)
         t0 = time.perf_counter()
         frames = 0
+        get_s = 0.0
         for b in range(0, len(order), args.batch):
             batch_ids = order[b:b + args.batch]
             for name, store in stores.items():
+                t = time.perf_counter()
                 arrays = [store.get(sid) for sid in batch_ids]
+                get_s += time.perf_counter() - t
                 padded, mask = pad_frames(arrays, store.dim)
                 frames += int(mask.sum())
         read_s = time.perf_counter() - t0
-        print(f"read: {len(order)} samples (both modalities, {frames} frames) in random order, batch "
+        print(f"read: {len(order)} samples (video+audio each, {frames} frames) in random order, batch "
               f"{args.batch}: {read_s:.1f}s = {len(order) / read_s:.0f} samples/s "
-              f"({len(order) / args.batch / read_s:.1f} batches/s)")
+              f"({len(order) / args.batch / read_s:.1f} batches/s) including per-batch padding; "
+              f"store.get alone {get_s:.1f}s = {len(order) / get_s:.0f} samples/s")
         print(f"peak RSS (ru_maxrss, whole run): {peak_rss_mb():.0f} MB; RSS now {current_rss_mb():.0f} MB; "
               f"release_pages={not args.no_release}")
     finally:
-        if not args.keep:
+        if not args.keep and not args.reuse:
             shutil.rmtree(out, ignore_errors=True)
 
 

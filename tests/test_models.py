@@ -126,8 +126,12 @@ def test_shapes_every_mode_and_modality_subset(mode, mods):
     width = n if mode == "all" else 3
     assert out.extras["anchor_index"].shape == (b, width)
     assert out.extras["anchor_index"].dtype == torch.long
-    assert out.extras["z_m"].shape == (b, 128) and out.extras["z_t"].shape == (b, 128)
-    assert out.extras["desc_sims"].shape == (b, C) and out.extras["desc_emb"].shape == (C, 128)
+    assert out.extras["z_m"].shape == (b, 128)
+    # the text view exists only when non-verbal input reaches the encoder
+    assert ("z_t" in out.extras) == (model.training and (mode == "learned" or (mode != "none" and (video or audio))))
+    if "z_t" in out.extras:
+        assert out.extras["z_t"].shape == (b, 128)
+    assert out.extras["desc_sims"].shape == (b, C) and out.shared["desc_emb"].shape == (C, 128)
     fused = mode != "none" and (video or audio)
     assert ("gate" in out.extras) == fused
     if mode == "learned":
@@ -161,14 +165,47 @@ def test_row_without_word_tokens_equals_text_model():
         assert torch.allclose(pooled[1], text_pooled(model, batch)[1], atol=1e-5)
 
 
+def test_fusion_writes_only_at_valid_anchors():
+    model = make_model(anchor_mode="topk", num_anchors=3).eval()
+    batch = make_batch(lengths=(8, 3), labels=[0, 1])
+    e = model.encoder.embed(batch.input_ids)
+    streams = model._streams(batch)
+    idx, valid = model._topk(e, model._candidates(batch.input_ids, batch.attention_mask), streams)
+    fused, _ = model._fuse_in_place(e, idx, valid, streams)
+    changed = (fused - e).abs().sum(-1) > 0  # (b, n)
+    expected = torch.zeros_like(changed)
+    for i in range(2):
+        expected[i, idx[i][valid[i]]] = True
+    assert torch.equal(changed, expected) and valid.sum().item() == 4
+
+
+@pytest.mark.parametrize("mode", ["topk", "learned"])
+def test_padding_does_not_change_a_row(mode):
+    # Masks, not padding width, decide the result (mean pooling reads the lengthened mask).
+    encoder = tiny_encoder()
+    torch.manual_seed(1)
+    cfg = Config(model=ModelConfig(dropout=0.0, pooling="mean"), amess=AmessConfig(anchor_mode=mode))
+    model = build_model("amess", config=cfg, encoder=encoder, num_labels=C, video_dim=DV, audio_dim=DA,
+                        label_names=LABELS, descriptions=DESCRIPTIONS).eval()
+    batch = make_batch(lengths=(10, 5), labels=[0, 1], video_lengths=[7, 3], audio_lengths=[9, 4])
+    alone = rows(batch, [1])
+    alone.input_ids, alone.attention_mask = alone.input_ids[:, :5], alone.attention_mask[:, :5]
+    alone.token_type_ids = alone.token_type_ids[:, :5]
+    alone.video, alone.video_mask = alone.video[:, :3], alone.video_mask[:, :3]
+    alone.audio, alone.audio_mask = alone.audio[:, :4], alone.audio_mask[:, :4]
+    with torch.no_grad():
+        assert torch.allclose(model(batch).logits[1], model(alone).logits[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["topk", "learned", "all"])
 def test_no_frames_is_finite(mode):
     model = make_model(anchor_mode=mode)
     batch = make_batch(video_lengths=[7, 0, 3, 0], audio_lengths=[0, 0, 9, 0])
-    for training in (True, False):  # eval takes PyTorch's fused attention path
+    for training in (True, False):  # eval without grad takes PyTorch's fused attention path
         model.train(training)
-        out = model(batch)
-        loss, _ = model.loss(out, batch)
+        with torch.set_grad_enabled(training):
+            out = model(batch)
+            loss, _ = model.loss(out, batch)
         assert torch.isfinite(out.logits).all() and torch.isfinite(loss)
     model.train()
     model.loss(model(batch), batch)[0].backward()
@@ -314,6 +351,7 @@ def test_switches_change_what_is_computed():
     assert model.eval()(batch).extras["desc_sims"].shape == (4, C)  # evaluation: for OOD detectors
     fixed = make_model(learn_tau=False, tau=0.05)
     assert fixed.logit_scale().item() == pytest.approx(20.0) and not fixed.log_scale.requires_grad
+    assert make_model().log_scale.requires_grad and not make_model(ss_loss="margin").log_scale.requires_grad
     plain = make_model(ss_loss="none", descriptions=False).eval()
     assert "desc_sims" not in plain(batch).extras
 
@@ -343,11 +381,11 @@ def test_training_steps_reduce_loss(kw):
     batch = make_batch(lengths=(10, 7, 5, 3, 8, 6), labels=[0, 1, 2, 0, 1, 2])
     opt = torch.optim.AdamW(model.param_groups(lr=3e-3, weight_decay=0.01))
     losses = []
-    for _ in range(8):
+    for _ in range(10):
         loss, _ = model.loss(model(batch), batch)
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < 0.85 * losses[0]

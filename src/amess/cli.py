@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -110,6 +109,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from amess.demo import run_demo
+
+    methods = tuple(m.strip() for m in args.methods.split(","))
+    print(run_demo(args.out, size=args.size, seeds=args.seeds, epochs=args.epochs, methods=methods))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amess", description="multimodal intent recognition (A-MESS and baselines)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -154,6 +161,14 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--split", default="test")
     e.set_defaults(func=cmd_evaluate)
+
+    d = sub.add_parser("demo", help="synthetic data, train text and amess, print the results table")
+    d.add_argument("--out", default="demo_runs")
+    d.add_argument("--size", type=int, default=1000)
+    d.add_argument("--seeds", type=int, nargs="+", default=[0])
+    d.add_argument("--epochs", type=int, default=8)
+    d.add_argument("--methods", default="text,amess", help="comma-separated methods")
+    d.set_defaults(func=cmd_demo)
 
     from amess.labels.generate import add_cli as add_labels_cli
 

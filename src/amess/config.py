@@ -149,7 +149,8 @@ class AmessConfig:
     tau: float = 0.1
     """Temperature of the SS similarities (initial value when `learn_tau`)."""
     learn_tau: bool = True
-    """Learn the logit scale 1/tau (CLIP style, clamped to [1, 100]); False keeps `tau` fixed."""
+    """Learn the logit scale 1/tau (CLIP style, clamped to [1, 100]) with the triplet loss; False,
+    or the margin loss (raw cosines, no temperature), keeps `tau` fixed."""
     proj_dim: int = 128
     """p, the size of the shared semantic space."""
     text_view: bool = True

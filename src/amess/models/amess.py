@@ -156,9 +156,8 @@ class AMESS(IntentModel):
     - `gate` (b, k): mean fusion gate per anchor (only when fusion ran);
     - `z_m` (b, p): normalised projected multimodal embedding (for plots);
     - `desc_sims` (b, C): cosine similarity of z_m to each description;
-    - `desc_emb` (C, p): normalised description embeddings. NOT per row: skip it when
-      concatenating extras over batches;
     - `z_t` (b, p): normalised projected text-only view (only when the triplet loss uses it).
+    and `shared["desc_emb"]` (C, p), the normalised description embeddings.
     The description keys are present whenever descriptions were given, except in training
     with `ss_loss=none` (nothing would use them).
     """
@@ -202,6 +201,12 @@ class AMESS(IntentModel):
         self.dropout = nn.Dropout(config.model.dropout)
         self.head = nn.Linear(encoder.hidden_size, num_labels)
 
+        # SS 3: the text-only view differs from z_m only when non-verbal input reaches the
+        # encoder; with no stream (text-only runs, anchor mode `none`) it would be z_m again
+        # under other dropout, so it is skipped (its cost is a second encoder pass).
+        self.uses_text_view = cfg.text_view and (self.fusion is not None or cfg.anchor_mode == "learned")
+        self._eval_desc: torch.Tensor | None = None
+
         # SS 2-3: description encoder and the shared space.
         self.has_descriptions = descriptions is not None
         if cfg.ss_loss != "none" and not self.has_descriptions:
@@ -212,14 +217,15 @@ class AMESS(IntentModel):
         if cfg.ss_loss != "none":
             self.proj_utt = nn.Linear(encoder.hidden_size, cfg.proj_dim)
             self.proj_desc = nn.Linear(encoder.hidden_size, cfg.proj_dim)
-            log_scale = torch.tensor(math.log(1.0 / cfg.tau))
-            if cfg.learn_tau:
-                self.log_scale = nn.Parameter(log_scale)
-            else:
-                self.register_buffer("log_scale", log_scale)
         else:
             self.proj_utt = self.proj_desc = None
-            self.register_buffer("log_scale", torch.tensor(math.log(1.0 / cfg.tau)))
+        # The margin loss compares raw cosines, so only the triplet loss can learn 1/tau; a
+        # parameter without gradient would also trip DDP. Similarity inference reads it too.
+        log_scale = torch.tensor(math.log(1.0 / cfg.tau))
+        if cfg.learn_tau and cfg.ss_loss == "triplet":
+            self.log_scale = nn.Parameter(log_scale)
+        else:
+            self.register_buffer("log_scale", log_scale)
 
     # ----- SS 1-2: descriptions -------------------------------------------------------
 
@@ -260,10 +266,23 @@ class AMESS(IntentModel):
         return self.encoder.pool(hidden, self.desc_attention_mask, self.pooling)
 
     def describe(self) -> torch.Tensor:
-        """(C, p) normalised description embeddings e_c (SS 2-3)."""
+        """(C, p) normalised description embeddings e_c (SS 2-3).
+
+        At evaluation (no gradients) they are computed once and reused for every batch
+        until the model goes back to training: the weights cannot change in between.
+        """
+        caching = not self.training and not torch.is_grad_enabled()
+        if caching and self._eval_desc is not None:
+            return self._eval_desc
         pooled = self.desc_cache if self.cfg.desc_encoder == "frozen" else self._encode_descriptions()
         e = self.proj_desc(pooled) if self.proj_desc is not None else pooled
-        return F.normalize(e, dim=-1)
+        e = F.normalize(e, dim=-1)
+        self._eval_desc = e if caching else None
+        return e
+
+    def train(self, mode: bool = True) -> "AMESS":
+        self._eval_desc = None  # weights may change from here on
+        return super().train(mode)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """(b, h) -> (b, p) normalised utterance embedding (SS 3), for z_m and z_t alike."""
@@ -347,6 +366,7 @@ class AMESS(IntentModel):
         streams = self._streams(batch) if self.fusion is not None else []
         e = self.encoder.embed(input_ids)  # (b, n, d)  A-ME 2
         extras: dict[str, torch.Tensor] = {}
+        shared: dict[str, torch.Tensor] = {}
         anchor_index = input_ids.new_full((b, n if cfg.anchor_mode == "all" else cfg.num_anchors), -1)
 
         if cfg.anchor_mode == "learned":
@@ -380,13 +400,15 @@ class AMESS(IntentModel):
         if self.has_descriptions and (cfg.ss_loss != "none" or not self.training):
             desc = self.describe()  # (C, p)
             z_m = self.project(pooled)  # (b, p)
-            extras.update(z_m=z_m, desc_emb=desc, desc_sims=z_m @ desc.t())
-            if cfg.ss_loss == "triplet" and cfg.text_view:
-                # SS 3: the text-only view, the same encoder on the text alone.
+            extras.update(z_m=z_m, desc_sims=z_m @ desc.t())
+            shared["desc_emb"] = desc
+            if cfg.ss_loss == "triplet" and self.uses_text_view and self.training:
+                # SS 3: the text-only view, the same encoder on the text alone (a training
+                # signal only: skipped at evaluation, where no loss is computed).
                 text_hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                            token_type_ids=batch.token_type_ids)
                 extras["z_t"] = self.project(self.encoder.pool(text_hidden, batch.attention_mask, self.pooling))
-        return IntentOutput(logits=logits, pooled=pooled, extras=extras)
+        return IntentOutput(logits=logits, pooled=pooled, extras=extras, shared=shared)
 
     # ----- SS 4-6: loss and inference ----------------------------------------------
 
@@ -403,11 +425,11 @@ class AMESS(IntentModel):
         parts["ce"] = float(ce.detach())
         if self.cfg.ss_loss == "none":
             return ce, parts
-        z_m, desc = out.extras["z_m"][keep], out.extras["desc_emb"]
+        z_m, desc = out.extras["z_m"][keep], out.shared["desc_emb"]
         scale = self.logit_scale()
         if self.cfg.ss_loss == "triplet":
-            z_t = out.extras["z_t"][keep] if self.cfg.text_view else None
-            ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=self.cfg.text_view)
+            z_t = out.extras["z_t"][keep] if "z_t" in out.extras else None  # absent at evaluation
+            ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=z_t is not None)
         else:
             ss = margin_triplet(z_m, desc, y, self.cfg.margin)
         parts.update(ss=float(ss.detach()), scale=float(scale.detach()))

@@ -23,12 +23,15 @@ class IntentOutput:
 
     logits: (b, C) scores over the in-scope intents, used for prediction.
     pooled: (b, h) the representation the head reads (used by OOD detectors, plots).
-    extras: method-specific tensors (e.g. A-MESS anchor positions, SS embeddings).
+    extras: method-specific per-sample tensors, first dim b (e.g. A-MESS anchor positions,
+        SS embeddings); the loop gathers them into the saved outputs.
+    shared: batch-independent tensors (e.g. the label-description embeddings, (C, p)).
     """
 
     logits: torch.Tensor
     pooled: torch.Tensor
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class IntentModel(nn.Module):
