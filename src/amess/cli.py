@@ -59,6 +59,34 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if rep.ok else 1
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    """One pickle at a time into a memory-mapped store (resumable, checksummed)."""
+    from amess.config import Config
+    from amess.data import DataError, get_reader
+    from amess.data.store import convert_pickle, verify_store
+
+    cfg = Config().override(_data_overrides(args))
+    reader = get_reader(cfg.data)
+    done = 0
+    for modality in ("video", "audio"):
+        if modality not in cfg.data.modalities:
+            continue
+        path = reader.feature_path(modality)
+        if path is None:
+            raise DataError(f"{reader.data_dir}: no {modality} feature file found "
+                            f"(tried {list(getattr(reader.spec, modality + '_files'))})")
+        info = convert_pickle(path, Path(args.out), modality, dtype=args.dtype, progress=not args.no_progress)
+        state = "up to date, skipped" if info.get("skipped") else "written"
+        print(f"{modality}: {path} -> {args.out} ({state})")
+        done += 1
+    problems = verify_store(args.out)
+    for p in problems:
+        print(f"problem: {p}")
+    if done:
+        print(f"train from it with --feature-store {args.out}")
+    return 1 if problems else 0
+
+
 def build_train_config(args: argparse.Namespace):
     from amess.config import Config, parse_overrides
 
@@ -82,6 +110,12 @@ def build_train_config(args: argparse.Namespace):
         o["data.label_descriptions"] = args.label_descriptions
     if args.no_progress:
         o["train.progress"] = False
+    if args.ood_detector:
+        o["ood.detectors"] = args.ood_detector
+    if args.outlier_exposure:
+        o["ood.outlier_exposure"] = True
+    if args.feature_store:
+        o["data.feature_store"] = args.feature_store
     o.update(parse_overrides(args.set))
     return cfg.override(o)
 
@@ -132,6 +166,12 @@ def make_parser() -> argparse.ArgumentParser:
     c = data.add_parser("check", help="report counts, shapes and problems of a dataset folder")
     _add_data_args(c)
     c.set_defaults(func=cmd_check)
+    v = data.add_parser("convert", help="turn feature pickles into a memory-mapped store (resumable)")
+    _add_data_args(v)
+    v.add_argument("--out", required=True, help="store folder")
+    v.add_argument("--dtype", choices=["float16", "float32"], default="float16")
+    v.add_argument("--no-progress", action="store_true")
+    v.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train a method over one or more seeds")
     _add_data_args(t)
@@ -152,6 +192,10 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-splits", nargs="+", default=None, help="splits reported at the end (default: test)")
     t.add_argument("--holdout-labels", default=None, help="comma-separated intents unseen in training (zero-shot)")
     t.add_argument("--label-descriptions", default=None, help="YAML/JSON file label -> description")
+    t.add_argument("--ood-detector", nargs="+", default=None,
+                   help="out-of-scope detectors to evaluate: msp maxlogit energy mahalanobis doc desc_sim")
+    t.add_argument("--outlier-exposure", action="store_true", help="train on the out-of-scope training rows too")
+    t.add_argument("--feature-store", default=None, help="read features from a store made by `amess data convert`")
     t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, help="run folder")

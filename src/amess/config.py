@@ -46,6 +46,10 @@ class DataConfig:
     """Splits evaluated at the end with the best checkpoint; missing ones are skipped with a warning."""
     num_workers: int = 0
     """DataLoader worker processes."""
+    feature_store: str | None = None
+    """Folder made by `amess data convert` (memory-mapped features); when set, video and audio are read
+    from it instead of the pickles. A relative path is taken from the working directory if it exists
+    there, else from data_dir."""
     holdout_labels: list[str] = field(default_factory=list)
     """Intents removed from train and dev and scored at test time from their descriptions alone
     (generalised zero-shot)."""
@@ -199,11 +203,35 @@ class AmessConfig:
 
 
 @dataclass
+class OODConfig:
+    detectors: list[str] = field(default_factory=list)
+    """Out-of-scope detectors evaluated after training (`amess.ood.DETECTORS`: msp, maxlogit, energy,
+    mahalanobis, doc, desc_sim); each is fitted on training outputs and its threshold tuned on dev."""
+    outlier_exposure: bool = False
+    """Also train on the out-of-scope training rows, pushing their predictions towards the uniform
+    distribution over the in-scope intents (outlier exposure). Off: OOS rows are dropped from train."""
+    oe_weight: float = 0.5
+    """Weight of the outlier-exposure term."""
+    tune_metric: str = "f1_overall"
+    """Dev metric the thresholds maximise (any key of `amess.metrics.oos_metrics`)."""
+
+    def __post_init__(self) -> None:
+        from amess.ood import DETECTORS
+
+        unknown = [d for d in self.detectors if d not in DETECTORS]
+        if unknown:
+            raise ValueError(f"unknown OOD detector(s) {unknown}; known: {sorted(DETECTORS)}")
+        if self.tune_metric not in ("oos_acc", "f1_is", "f1_oos", "f1_overall"):
+            raise ValueError(f"ood.tune_metric must be one of oos_acc, f1_is, f1_oos, f1_overall")
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     amess: AmessConfig = field(default_factory=AmessConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

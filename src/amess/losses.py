@@ -68,3 +68,11 @@ def margin_triplet(z_m: torch.Tensor, e: torch.Tensor, labels: torch.Tensor, mar
     gold = F.one_hot(labels, num_classes=e.shape[0]).bool()
     neg = sims.masked_fill(gold, float("-inf")).amax(dim=1)  # (b,) hardest negative
     return F.relu(margin - pos + neg).mean()
+
+
+def outlier_exposure(logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of out-of-scope rows towards the uniform distribution over the in-scope
+    intents (Hendrycks et al., 2019). logits: (r, C) of the OOS rows only; scalar (0 if r == 0)."""
+    if logits.shape[0] == 0:
+        return logits.sum() * 0.0
+    return -F.log_softmax(logits.float(), dim=-1).mean(dim=-1).mean()

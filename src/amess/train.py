@@ -29,6 +29,7 @@ from amess.config import Config
 from amess.data import DataError, IntentDataset, SplitData, get_reader
 from amess.data.base import DatasetReader, stratified_holdout
 from amess.data.batch import Collator
+from amess.losses import outlier_exposure
 from amess.metrics import classification_metrics, mean_std
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,8 @@ class EvalResult:
     scores: np.ndarray  # (N, C) predict_scores (probabilities)
     logits: np.ndarray  # (N, C) head logits
     pooled: np.ndarray  # (N, h)
-    extras: dict[str, np.ndarray] = field(default_factory=dict)
-    loss: float = float("nan")
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-sample, (N, ...)
+    shared: dict[str, np.ndarray] = field(default_factory=dict)  # batch-independent (e.g. desc_emb)
 
     @property
     def preds(self) -> np.ndarray:
@@ -56,14 +57,23 @@ class EvalResult:
     def save(self, path: Path) -> None:
         np.savez_compressed(path, ids=np.array(self.ids), labels=self.labels, scores=self.scores,
                             logits=self.logits, pooled=self.pooled,
-                            **{f"extra_{k}": v for k, v in self.extras.items()})
+                            **{f"extra_{k}": v for k, v in self.extras.items()},
+                            **{f"shared_{k}": v for k, v in self.shared.items()})
 
     @classmethod
     def load(cls, path: Path, split: str) -> "EvalResult":
         with np.load(path, allow_pickle=False) as z:
             extras = {k[6:]: z[k] for k in z.files if k.startswith("extra_")}
+            shared = {k[7:]: z[k] for k in z.files if k.startswith("shared_")}
             return cls(split=split, ids=[str(i) for i in z["ids"]], labels=z["labels"], scores=z["scores"],
-                       logits=z["logits"], pooled=z["pooled"], extras=extras)
+                       logits=z["logits"], pooled=z["pooled"], extras=extras, shared=shared)
+
+    def bundle(self):
+        """The outputs an OOD detector reads."""
+        from amess.ood import OutputBundle
+
+        return OutputBundle(logits=self.logits, features=self.pooled, labels=self.labels,
+                            desc_sims=self.extras.get("desc_sims"))
 
 
 # --- data ---------------------------------------------------------------------------
@@ -110,6 +120,9 @@ def prepare_data(cfg: Config, seed: int) -> PreparedData:
         dev_key = HOLDOUT_KEY
     else:
         dev, dev_key = splits[dev_split], "dev"
+    C = len(label_names)
+    if not cfg.ood.outlier_exposure:  # out-of-scope rows only serve training through outlier exposure
+        train = replace(train, samples=[s for s in train.samples if s.label < C])
     if cfg.data.holdout_labels:
         unknown = [n for n in cfg.data.holdout_labels if n not in label_names]
         if unknown:
@@ -172,6 +185,7 @@ def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
     model.eval()
     ids, labels, scores, logits, pooled = [], [], [], [], []
     extras: dict[str, list] = {}
+    shared: dict[str, np.ndarray] = {}
     for batch in loader:
         batch = batch.to(accelerator.device)
         with accelerator.autocast():
@@ -181,6 +195,7 @@ def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
         row.update({f"x_{k}": v.float() if v.is_floating_point() else v for k, v in out.extras.items()
                     if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(batch)})
         row = accelerator.gather_for_metrics(row)
+        shared = {k: v.detach().float().cpu().numpy() for k, v in out.shared.items()}
         ids.extend(batch.ids if accelerator.num_processes == 1 else _gather_ids(batch.ids, accelerator))
         labels.append(row["labels"].cpu().numpy())
         scores.append(row["scores"].cpu().numpy())
@@ -193,7 +208,7 @@ def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
     cat = lambda xs: np.concatenate(xs, 0)  # noqa: E731
     return EvalResult(split=split, ids=ids[: sum(len(x) for x in labels)], labels=cat(labels), scores=cat(scores),
                       logits=cat(logits), pooled=cat(pooled),
-                      extras={k: _cat_ragged(v) for k, v in extras.items()})
+                      extras={k: _cat_ragged(v) for k, v in extras.items()}, shared=shared)
 
 
 def _gather_ids(ids: list[str], accelerator) -> list[str]:
@@ -289,6 +304,8 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, a
             with accelerator.autocast():
                 out = model(batch)
                 loss, parts = accelerator.unwrap_model(model).loss(out, batch)
+                if cfg.ood.outlier_exposure:
+                    loss = loss + cfg.ood.oe_weight * outlier_exposure(out.logits[batch.labels >= C])
             accelerator.backward(loss)
             if cfg.train.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
@@ -357,6 +374,7 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
         results[name] = predict(model, loader, accelerator, name)
     metrics = {name: split_metrics(r, C, data.label_names, cfg.data.holdout_labels)
                for name, r in results.items() if name != "train"}
+    ood_scores = evaluate_ood(cfg, results, data, metrics)
     if main:
         for name, r in results.items():
             r.save(seed_dir / f"outputs_{name}.npz")
@@ -375,8 +393,32 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
             r = results[report]
             plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})").savefig(
                 seed_dir / "confusion_matrix.png", dpi=110)
+            for det, (scores, is_in, thr) in ood_scores.items():
+                plots.score_distributions(scores, is_in, title=f"{det} on {report} (seed {seed})",
+                                          threshold=thr).savefig(seed_dir / f"ood_scores_{det}.png", dpi=110)
             plt.close("all")
     return metrics
+
+
+def evaluate_ood(cfg: Config, results: dict[str, EvalResult], data: PreparedData, metrics: dict) -> dict:
+    """Fit each configured detector on the training outputs, tune its threshold on dev,
+    and score every test split; figures go to `metrics[split]["ood"][detector]`. Returns the
+    first test split's scores per detector, for the score-distribution plots."""
+    from amess.ood import build_detector, evaluate_detector
+
+    plotted: dict[str, tuple[np.ndarray, np.ndarray, float]] = {}
+    if not cfg.ood.detectors:
+        return plotted
+    train, dev = results["train"].bundle(), results[data.dev_key].bundle()
+    for split in data.tests:
+        test = results[split].bundle()
+        for name in cfg.ood.detectors:
+            det = build_detector(name)
+            m = evaluate_detector(det, train, dev, test, metric=cfg.ood.tune_metric)
+            metrics[split].setdefault("ood", {})[name] = m
+            if split == next(iter(data.tests)):
+                plotted[name] = (det.score(test), test.in_scope_mask(), m["threshold"])
+    return plotted
 
 
 def write_predictions(path: Path, results: list[EvalResult], label_names: list[str]) -> None:
@@ -392,12 +434,18 @@ def write_predictions(path: Path, results: list[EvalResult], label_names: list[s
 
 
 def summarise(per_seed: dict[int, dict]) -> dict:
-    """`{split: {metric: {mean, std, n}}}` over seeds."""
-    out: dict = {}
-    splits = sorted({s for m in per_seed.values() for s in m})
-    for split in splits:
-        keys = sorted({k for m in per_seed.values() for k in m.get(split, {})})
-        out[split] = {k: mean_std([m[split][k] for m in per_seed.values() if k in m.get(split, {})]) for k in keys}
+    """`{split: {metric: {mean, std, n}}}` over seeds; nested groups (`ood.<detector>`) keep
+    their nesting."""
+
+    def merge(dicts: list[dict]) -> dict:
+        keys = sorted({k for d in dicts for k in d})
+        out = {}
+        for k in keys:
+            vals = [d[k] for d in dicts if k in d]
+            out[k] = merge(vals) if isinstance(vals[0], dict) else mean_std([float(v) for v in vals])
+        return out
+
+    out = merge(list(per_seed.values()))
     out["seeds"] = sorted(per_seed)
     return out
 

@@ -154,20 +154,37 @@ class DatasetReader:
         for modality in ("video", "audio"):
             if modality not in self.cfg.modalities:
                 continue
-            path = self.feature_path(modality)
-            if path is None:
-                names = self.cfg.video_file if modality == "video" else self.cfg.audio_file
-                tried = (names,) if names else getattr(self.spec, f"{modality}_files")
-                raise DataError(f"{self.data_dir}: no {modality} feature file found (tried {list(tried)}); "
-                                f"name it with --{modality}-file, or use --modalities text")
-            log.info("loading %s features from %s", modality, path)
-            source = loader(path, keep=all_ids, max_len=self.max_len(modality))
+            if self.cfg.feature_store:
+                source = self._open_store(modality)
+                path = Path(source.path)
+            else:
+                source, path = self._load_pickle(modality, loader, all_ids)
             missing = [i for i in all_ids if i not in source]
             if missing:
                 raise DataError(f"{path}: no {modality} features for {len(missing)} sample(s), e.g. {missing[:3]}")
             for sd in out.values():
                 setattr(sd, modality, source)
         return out
+
+    def _open_store(self, modality: str) -> FeatureSource:
+        from amess.data.store import open_store
+
+        store = Path(self.cfg.feature_store)
+        if not store.is_absolute() and not store.exists():
+            store = self.data_dir / store
+        log.info("reading %s features from the store %s", modality, store)
+        return open_store(store, modality, max_len=self.max_len(modality))
+
+    def _load_pickle(self, modality: str, loader: Callable[..., FeatureSource],
+                     all_ids: list[str]) -> tuple[FeatureSource, Path]:
+        path = self.feature_path(modality)
+        if path is None:
+            names = self.cfg.video_file if modality == "video" else self.cfg.audio_file
+            tried = (names,) if names else getattr(self.spec, f"{modality}_files")
+            raise DataError(f"{self.data_dir}: no {modality} feature file found (tried {list(tried)}); "
+                            f"name it with --{modality}-file, or use --modalities text")
+        log.info("loading %s features from %s", modality, path)
+        return loader(path, keep=all_ids, max_len=self.max_len(modality)), path
 
 
 def read_tsv(path: Path, expected_header: list[str]) -> list[dict[str, str]]:
