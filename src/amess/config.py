@@ -55,6 +55,10 @@ class DataConfig:
     (generalised zero-shot)."""
     label_descriptions: str | None = None
     """YAML/JSON file label -> description; None = the descriptions shipped for the dataset."""
+    context: bool = False
+    """Multi-turn: pair each utterance with the previous utterance of the same speaker in its dialogue."""
+    subset: str = "total"
+    """MIntRec2.0 folder to read: total (in-scope + out-of-scope), in-scope, or out-of-scope."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.modalities if m not in MODALITIES]

@@ -53,15 +53,17 @@ FILLER = ("the", "a", "you", "i", "we", "it", "is", "was", "that", "this", "so",
 VIDEO_DIM, AUDIO_DIM = 256, 768
 
 
-def _sentence(rng: np.random.Generator, group: int) -> str:
+def _sentence(rng: np.random.Generator, group: int, groups: tuple[tuple[str, ...], ...] = GROUP_WORDS) -> str:
+    """2-3 cue words of `groups[group]` among 4-8 filler words, shuffled."""
     n_cue = int(rng.integers(2, 4))
     n_fill = int(rng.integers(4, 9))
-    words = list(rng.choice(GROUP_WORDS[group], n_cue)) + list(rng.choice(FILLER, n_fill))
+    words = list(rng.choice(groups[group], n_cue)) + list(rng.choice(FILLER, n_fill))
     rng.shuffle(words)
     return " ".join(words) + "."
 
 
 def _frames(rng: np.random.Generator, n: int, dim: int, cue: np.ndarray | None) -> np.ndarray:
+    """`(n, dim)` Gaussian frames; with a cue, it is added to a random 30-70% of them (at least one)."""
     x = rng.standard_normal((n, dim)).astype(np.float32)
     if cue is not None and n > 0:
         share = rng.uniform(0.3, 0.7)
@@ -69,6 +71,12 @@ def _frames(rng: np.random.Generator, n: int, dim: int, cue: np.ndarray | None) 
         on[rng.integers(n)] = True
         x[on] += cue
     return x
+
+
+def _cue_dirs(rng: np.random.Generator, n: int, dim: int, cue_strength: float) -> np.ndarray:
+    """`(n, dim)` random cue directions, each of norm `cue_strength * sqrt(dim) / 4`."""
+    u = rng.standard_normal((n, dim))
+    return (cue_strength * u / np.linalg.norm(u, axis=1, keepdims=True) * np.sqrt(dim) / 4).astype(np.float32)
 
 
 def generate(out: str | Path, *, seed: int = 0, size: int = 1000, cue_rate: float = 0.85,
@@ -80,11 +88,7 @@ def generate(out: str | Path, *, seed: int = 0, size: int = 1000, cue_rate: floa
     names = list(MINTREC_LABELS)
     p = np.array([MINTREC_COUNTS[n] for n in names], dtype=np.float64)
     labels = rng.choice(len(names), size=size, p=p / p.sum())
-    # cue directions: unit vectors scaled to `cue_strength`
-    def cue_pair(dim: int) -> np.ndarray:
-        u = rng.standard_normal((2, dim))
-        return (cue_strength * u / np.linalg.norm(u, axis=1, keepdims=True) * np.sqrt(dim) / 4).astype(np.float32)
-    vcue, acue = cue_pair(VIDEO_DIM), cue_pair(AUDIO_DIM)
+    vcue, acue = _cue_dirs(rng, 2, VIDEO_DIM, cue_strength), _cue_dirs(rng, 2, AUDIO_DIM, cue_strength)
 
     rows, video, audio, truth = [], {}, {}, []
     clip = 0
@@ -148,28 +152,37 @@ def _oracle_accuracies(y: np.ndarray, text_group: list[int], video: list, audio:
     mean frame is clearly closer to one cue than the other; otherwise it takes the more
     frequent intent of the group that agrees with the bits it knows.
     """
-    def bit(frames: np.ndarray, cue: np.ndarray) -> int | None:
-        if len(frames) == 0:
-            return None
-        proj = frames @ (cue[1] - cue[0]) / np.linalg.norm(cue[1] - cue[0])
-        top = np.sort(proj)[-max(1, len(proj) // 4):].mean()  # cue frames stand out
-        low = np.sort(proj)[: max(1, len(proj) // 4)].mean()
-        thr = np.linalg.norm(cue[1] - cue[0]) / 2
-        if top > thr and low > -thr:
-            return 1
-        if low < -thr and top < thr:
-            return 0
-        return None
+    vb = [_oracle_bit(np.concatenate(v, 0) if len(v) else np.zeros((0, VIDEO_DIM), np.float32), vcue) for v in video]
+    ab = [_oracle_bit(a, acue) for a in audio]
+    return _oracle_table(y, text_group, vb, ab, prior)
 
-    vb = [bit(np.concatenate(v, 0) if len(v) else np.zeros((0, VIDEO_DIM), np.float32), vcue) for v in video]
-    ab = [bit(a, acue) for a in audio]
+
+def _oracle_bit(frames: np.ndarray, cue: np.ndarray) -> int | None:
+    """The cue bit an oracle reads from `(T, dim)` frames, or None when they do not tell."""
+    if len(frames) == 0:
+        return None
+    proj = frames @ (cue[1] - cue[0]) / np.linalg.norm(cue[1] - cue[0])
+    top = np.sort(proj)[-max(1, len(proj) // 4):].mean()  # cue frames stand out
+    low = np.sort(proj)[: max(1, len(proj) // 4)].mean()
+    thr = np.linalg.norm(cue[1] - cue[0]) / 2
+    if top > thr and low > -thr:
+        return 1
+    if low < -thr and top < thr:
+        return 0
+    return None
+
+
+def _oracle_table(y: np.ndarray, text_group: list[int], vb: list[int | None], ab: list[int | None],
+                  prior: np.ndarray) -> dict[str, float]:
+    """Oracle accuracy per modality subset from the text groups and the bits read per row
+    (intent = 4 * group + 2 * audio bit + video bit; ids past the label count do not exist)."""
     res = {}
     for k in range(0, 3):
         for subset in combinations(("video", "audio"), k):
             correct = 0
             for i in range(len(y)):
                 g = text_group[i]
-                cands = [4 * g + j for j in range(4)]
+                cands = [4 * g + j for j in range(4) if 4 * g + j < len(prior)]
                 if "video" in subset and vb[i] is not None:
                     cands = [c for c in cands if c % 2 == vb[i]]
                 if "audio" in subset and ab[i] is not None:
