@@ -109,9 +109,13 @@ def test_run_writes_tables_then_resumes_without_training(tmp_path, monkeypatch, 
     assert args.func(args) == 0
     assert calls == []
     printed = capsys.readouterr().out
-    assert "| topk k=1 |" in printed and "| text baseline |" in printed and "Δ acc" in printed
+    # the rows asked for, and the finished default row from the first call, with deltas
+    table = [line.split("|")[1].strip() for line in printed.splitlines() if line.startswith("| ")][1:]
+    assert table == ROWS and "Δ acc" in printed and "| – | – |" not in printed
+    assert printed.strip().splitlines()[0] in (out / "ablation.md").read_text()
     # without the default row the deltas are left empty
-    assert "| – | – |" in printed
+    md = ablate.ablation_markdown({"topk k=1": summaries["topk k=1"]}, "test")
+    assert md.rstrip().endswith("| 2 | – | – |")
 
 
 def test_cli_rejects_unknown_rows_and_settings(tmp_path, monkeypatch):
@@ -124,3 +128,13 @@ def test_cli_rejects_unknown_rows_and_settings(tmp_path, monkeypatch):
     args = parser.parse_args(["ablate", "--out", str(tmp_path), "--set", "amess.no_such=1"])
     with pytest.raises(ValueError, match="no such setting"):
         args.func(args)
+
+
+def test_csv_flattens_nested_detector_metrics(tmp_path):
+    v = {"mean": 0.5, "std": 0.1, "n": 3}
+    summaries = {"A-MESS (default)": {"test": {"acc": v, "ood": {"msp": {"auroc": v}}}, "seeds": [0, 1, 2]}}
+    ablate.write_csv(tmp_path / "a.csv", summaries)
+    with open(tmp_path / "a.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["metric"], r["mean"], r["n"]) for r in rows] == [("acc", "0.500000", "3"),
+                                                               ("ood.msp.auroc", "0.500000", "3")]

@@ -130,10 +130,10 @@ def _finished(run_dir: Path, cfg: Config) -> dict | None:
         saved = Config.load(config_path)
         summary = json.loads(summary_path.read_text())
     except (ValueError, OSError) as e:
-        log.warning("%s: unreadable (%s); retraining", run_dir, e)
+        log.warning("%s: unreadable (%s); not reused", run_dir, e)
         return None
     if _comparable(saved) != _comparable(cfg) or summary.get("seeds") != sorted(cfg.train.seeds):
-        log.info("%s: config differs from the saved one; retraining", run_dir)
+        log.debug("%s: saved config or seeds differ; not reused", run_dir)
         return None
     return summary
 
@@ -152,7 +152,10 @@ def report_split(summaries: dict[str, dict]) -> str:
 def run_ablation(base_cfg: Config, out_dir: str | Path, rows: str | Sequence[str] | None = None,
                  resume: bool = True) -> dict[str, dict]:
     """Train every selected row (`select_rows(rows)`) into `out_dir/<slug>/`, write
-    `ablation.md` and `ablation.csv`, and return `{row name: summary}`.
+    `ablation.md` and `ablation.csv`, and return `{row name: summary}` in table order.
+
+    The table holds the selected rows and every other row already finished in `out_dir`
+    under the same base config, so an ablation can be run group by group.
 
     All row configs are resolved before anything trains, so a contradictory combination
     (say `--set amess.inference=similarity` with the `SS off` row) fails at once.
@@ -168,14 +171,25 @@ def run_ablation(base_cfg: Config, out_dir: str | Path, rows: str | Sequence[str
         if summary is not None:
             log.info("ablation %d/%d %r: reusing %s", i, len(selected), a.name, run_dir)
         else:
-            log.info("ablation %d/%d %r: training into %s", i, len(selected), a.name, run_dir)
+            log.info("ablation %d/%d %r: training into %s%s", i, len(selected), a.name, run_dir,
+                     " (replacing a run with another config or seeds)" if (run_dir / "summary.json").is_file() else "")
             summary = _train.run(cfg, run_dir)
         summaries[a.name] = summary
+    # rows finished by earlier calls (`--rows anchors`, then `--rows ss`) join the table
+    for a in ABLATIONS:
+        if a.name not in summaries:
+            try:
+                earlier = _finished(out_dir / a.slug, resolve(base_cfg, a))
+            except ValueError:  # this base cannot express the row at all
+                earlier = None
+            if earlier is not None:
+                summaries[a.name] = earlier
+    table = {a.name: summaries[a.name] for a in ABLATIONS if a.name in summaries}
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun / accelerate only one process writes
-        split = report_split(summaries)
-        (out_dir / "ablation.md").write_text(ablation_markdown(summaries, split, out_dir) + "\n")
-        write_csv(out_dir / "ablation.csv", summaries)
-    return summaries
+        split = report_split(table)
+        (out_dir / "ablation.md").write_text(ablation_markdown(table, split, out_dir) + "\n")
+        write_csv(out_dir / "ablation.csv", table)
+    return table
 
 
 # --- the table ------------------------------------------------------------------------
@@ -232,6 +246,16 @@ def ablation_markdown(summaries: dict[str, dict], split: str, out_dir: str | Pat
     return header + "\n" + "\n".join(lines)
 
 
+def _leaves(metrics: dict, prefix: str = ""):
+    """(dotted name, {mean, std, n}) pairs of a split's summary; nested groups such as
+    `ood.<detector>.<metric>` are flattened."""
+    for k, v in metrics.items():
+        if isinstance(v, dict) and "mean" in v:
+            yield prefix + k, v
+        elif isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+
+
 def write_csv(path: str | Path, summaries: dict[str, dict]) -> None:
     """One line per row, split and metric: row, split, metric, mean, std, n."""
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -241,7 +265,7 @@ def write_csv(path: str | Path, summaries: dict[str, dict]) -> None:
             for split, metrics in summ.items():
                 if split == "seeds":
                     continue
-                for metric, v in metrics.items():
+                for metric, v in _leaves(metrics):
                     w.writerow([name, split, metric, f"{v['mean']:.6f}", f"{v['std']:.6f}", v["n"]])
 
 

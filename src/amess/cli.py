@@ -42,7 +42,10 @@ def _data_overrides(args: argparse.Namespace) -> dict[str, object]:
 def cmd_synth(args: argparse.Namespace) -> int:
     from amess.data import synth
 
-    info = synth.generate(args.out, seed=args.seed, size=args.size)
+    if args.dataset == "mintrec2":
+        info = synth.generate_mintrec2(args.out, seed=args.seed, size=3000 if args.size is None else args.size)
+    else:
+        info = synth.generate(args.out, seed=args.seed, size=1000 if args.size is None else args.size)
     print(f"wrote {args.out}: splits {info['splits']}")
     print("oracle test accuracy by modalities: " +
           ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["oracle_test_accuracy"].items()))
@@ -157,11 +160,12 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="synthetic data, checks and conversion").add_subparsers(dest="data_cmd", required=True)
-    s = data.add_parser("synth", help="write a synthetic dataset in the MIntRec layout")
+    s = data.add_parser("synth", help="write a synthetic dataset in the MIntRec or MIntRec2.0 layout")
     s.add_argument("--out", required=True)
-    s.add_argument("--dataset", default="mintrec", choices=["mintrec"])
+    s.add_argument("--dataset", default="mintrec", choices=["mintrec", "mintrec2"])
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--size", type=int, default=1000, help="number of utterances (all splits)")
+    s.add_argument("--size", type=int, default=None,
+                   help="number of utterances, all splits (default: 1000 for mintrec, 3000 for mintrec2)")
     s.set_defaults(func=cmd_synth)
     c = data.add_parser("check", help="report counts, shapes and problems of a dataset folder")
     _add_data_args(c)
@@ -214,8 +218,10 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--methods", default="text,amess", help="comma-separated methods")
     d.set_defaults(func=cmd_demo)
 
+    from amess.ablate import add_cli as add_ablate_cli
     from amess.labels.generate import add_cli as add_labels_cli
 
+    add_ablate_cli(sub)
     add_labels_cli(sub)
     return p
 

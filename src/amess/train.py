@@ -272,6 +272,33 @@ class FitResult:
     samples_seen: int
 
 
+def train_step(cfg: Config, model, batch, optimizer, sched, accelerator, num_labels: int) -> float:
+    """One optimiser step on one batch; returns the loss. Used by `fit` and the benchmarks."""
+    batch = batch.to(accelerator.device)
+    with accelerator.autocast():
+        out = model(batch)
+        loss, _parts = accelerator.unwrap_model(model).loss(out, batch)
+        if cfg.ood.outlier_exposure:
+            loss = loss + cfg.ood.oe_weight * outlier_exposure(out.logits[batch.labels >= num_labels])
+    accelerator.backward(loss)
+    if cfg.train.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    optimizer.step()
+    sched.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def make_optimizer(cfg: Config, model, total_steps: int):
+    """AdamW (no decay on biases and norms) with linear warm-up then linear decay."""
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.encoder_lr))
+    warm = int(cfg.train.warmup_ratio * total_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm)))
+    return optimizer, sched
+
+
 def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, accelerator, ckpt: Path):
     """AdamW with linear warm-up and decay, early stopping on `train.monitor` over the dev
     split, the best state saved to `ckpt` by the main process. Returns the prepared model
@@ -281,14 +308,11 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, a
     main = accelerator.is_main_process
     train_loader = make_loader(data.train, cfg, collator, shuffle=True, seed=seed, batch_size=cfg.train.batch_size)
     dev_loader = make_loader(data.dev, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
-    optimizer = torch.optim.AdamW(model.param_groups(cfg.train.lr, cfg.train.weight_decay, cfg.train.encoder_lr))
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
-    warm = int(cfg.train.warmup_ratio * total)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    optimizer, sched = make_optimizer(cfg, model, total)
     model, optimizer, train_loader, dev_loader, sched = accelerator.prepare(model, optimizer, train_loader,
                                                                             dev_loader, sched)
     C = len(data.label_names)
@@ -300,19 +324,7 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, a
         bar = tqdm(train_loader, desc=f"seed {seed} epoch {epoch}", disable=not (main and cfg.train.progress),
                    leave=False)
         for batch in bar:
-            batch = batch.to(accelerator.device)
-            with accelerator.autocast():
-                out = model(batch)
-                loss, parts = accelerator.unwrap_model(model).loss(out, batch)
-                if cfg.ood.outlier_exposure:
-                    loss = loss + cfg.ood.oe_weight * outlier_exposure(out.logits[batch.labels >= C])
-            accelerator.backward(loss)
-            if cfg.train.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            sched.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(train_step(cfg, model, batch, optimizer, sched, accelerator, C))
             n_seen += len(batch) * accelerator.num_processes
             step += 1
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -393,11 +405,34 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
             r = results[report]
             plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})").savefig(
                 seed_dir / "confusion_matrix.png", dpi=110)
+            write_method_plots(seed_dir, results[report], (data.tests.get(report) or data.dev).samples,
+                               data.label_names, collator, seed)
             for det, (scores, is_in, thr) in ood_scores.items():
                 plots.score_distributions(scores, is_in, title=f"{det} on {report} (seed {seed})",
                                           threshold=thr).savefig(seed_dir / f"ood_scores_{det}.png", dpi=110)
             plt.close("all")
     return metrics
+
+
+def write_method_plots(seed_dir: Path, res: EvalResult, samples, label_names: list[str], collator: Collator,
+                       seed: int, n_anchor_examples: int = 6) -> None:
+    """Plots of what a method exposes: a 2-D projection of the shared-space embeddings with
+    the label descriptions marked (`embeddings.png`), and which tokens were chosen as
+    anchors for a few samples (`anchors.png`)."""
+    from amess import plots
+
+    if "z_m" in res.extras:
+        plots.embedding_projection(res.extras["z_m"], res.labels, res.shared.get("desc_emb"), label_names,
+                                   seed=seed).savefig(seed_dir / "embeddings.png", dpi=110)
+    if "anchor_index" in res.extras and (res.extras["anchor_index"] >= 0).any():
+        tok = collator.tokenizer
+        names = label_names + ["UNK"]
+        picked = samples[:n_anchor_examples]
+        tokens = [tok.convert_ids_to_tokens(tok(s.text, s.context, truncation=True,
+                                                max_length=collator.text_max_len)["input_ids"]) for s in picked]
+        anchors = [[int(a) for a in row if a >= 0] for row in res.extras["anchor_index"][: len(picked)]]
+        titles = [f"{s.id} (gold {names[s.label]}, predicted {names[int(p)]})" for s, p in zip(picked, res.preds)]
+        plots.anchor_tokens(tokens, anchors, titles).savefig(seed_dir / "anchors.png", dpi=110)
 
 
 def evaluate_ood(cfg: Config, results: dict[str, EvalResult], data: PreparedData, metrics: dict) -> dict:
