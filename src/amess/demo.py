@@ -44,7 +44,7 @@ def run_demo(out: str | Path, *, size: int = 1000, seeds: list[int] | None = Non
         f"{info['splits']['test']} test), all modalities, packaged all-MiniLM-L6-v2, "
         f"seeds {seeds or [0]}; test split, mean ± std, %:\n",
         table,
-        "\nOracle ceilings on this test split (generative rule known): "
+        "\nRule-based oracle on this test split (knows the generative rule; a reference, not a bound): "
         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in info["oracle_test_accuracy"].items()),
         "Training time: " + ", ".join(f"{m} {t:.0f} s" for m, t in times.items()),
         f"Run folders: {', '.join(str(out / m) for m in methods)}",
