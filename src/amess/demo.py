@@ -2,7 +2,7 @@
 
 Generates the synthetic MIntRec-format dataset, trains `text` and `amess` with all three
 modalities on it with the packaged encoder, evaluates on its test split and prints one
-table, beside the oracle ceilings recorded by the generator.
+table, beside the rule-based oracle accuracies recorded by the generator.
 """
 
 from __future__ import annotations

@@ -1,0 +1,72 @@
+"""Out-of-scope detection through the training loop on synthetic MIntRec2.0."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from amess.cli import main
+
+OOD_KEYS = ("oos_acc", "f1_is", "f1_oos", "f1_overall", "auroc", "aupr_in", "aupr_out", "fpr95")
+
+
+@pytest.fixture(scope="module")
+def synth2_dir(tmp_path_factory):
+    from amess.data.synth import generate_mintrec2
+
+    d = tmp_path_factory.mktemp("synth2")
+    generate_mintrec2(d, seed=0, size=260)
+    return d
+
+
+def test_detectors_reported_per_detector_in_summary(tmp_path, synth2_dir, tiny_encoder_dir):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "mintrec2", "--data-dir", str(synth2_dir), "--method", "amess",
+               "--text-encoder", str(tiny_encoder_dir), "--epochs", "1", "--max-steps", "2", "--seeds", "0", "1",
+               "--no-progress", "--ood-detector", "msp", "maxlogit", "energy", "mahalanobis", "doc", "desc_sim",
+               "--set", "amess.desc_encoder=frozen", "--out", str(out)])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    test = summary["test"]
+    assert 0.0 <= test["acc"]["mean"] <= 1.0  # in-scope metrics beside the OOD ones
+    for det in ("msp", "maxlogit", "energy", "mahalanobis", "doc", "desc_sim"):
+        for k in OOD_KEYS:
+            v = test["ood"][det][k]
+            assert 0.0 <= v["mean"] <= 1.0 and v["n"] == 2
+        assert (out / "seed_0" / f"ood_scores_{det}.png").is_file()
+    # training never saw an out-of-scope row without outlier exposure
+    with np.load(out / "seed_0" / "outputs_train.npz") as z:
+        assert (z["labels"] < 30).all()
+    with np.load(out / "seed_0" / "outputs_test.npz") as z:
+        assert (z["labels"] == 30).any() and z["scores"].shape[1] == 30
+
+
+def test_outlier_exposure_keeps_oos_training_rows(tmp_path, synth2_dir, tiny_encoder_dir):
+    out = tmp_path / "run"
+    rc = main(["train", "--dataset", "mintrec2", "--data-dir", str(synth2_dir), "--method", "text",
+               "--text-encoder", str(tiny_encoder_dir), "--epochs", "1", "--max-steps", "2", "--no-progress",
+               "--outlier-exposure", "--ood-detector", "msp", "--out", str(out)])
+    assert rc == 0
+    with np.load(out / "seed_0" / "outputs_train.npz") as z:
+        assert (z["labels"] == 30).any()
+
+
+def test_unknown_detector_is_rejected(tmp_path, synth2_dir, tiny_encoder_dir, caplog):
+    rc = main(["train", "--dataset", "mintrec2", "--data-dir", str(synth2_dir), "--method", "text",
+               "--text-encoder", str(tiny_encoder_dir), "--ood-detector", "oracle", "--out", str(tmp_path / "r")])
+    assert rc == 2
+    assert "unknown OOD detector" in caplog.text
+
+
+def test_outlier_exposure_loss():
+    import torch
+
+    from amess.losses import outlier_exposure
+
+    flat = torch.zeros(3, 5)
+    peaked = torch.tensor([[10.0, 0, 0, 0, 0]] * 3)
+    assert outlier_exposure(flat).item() == pytest.approx(np.log(5), rel=1e-5)  # the minimum
+    assert outlier_exposure(peaked).item() > outlier_exposure(flat).item()
+    assert outlier_exposure(torch.zeros(0, 5)).item() == 0.0
