@@ -179,6 +179,8 @@ class MIntRec2Reader(DatasetReader):
     def load(self, splits: list[str], *, feature_loader: Callable[..., FeatureSource] | None = None
              ) -> dict[str, SplitData]:
         for modality in ("video", "audio"):
+            if self.cfg.feature_store:
+                break  # features come from the converted store, not the pickles
             if modality in self.cfg.modalities and self.feature_path(modality) is None:
                 override = self.cfg.video_file if modality == "video" else self.cfg.audio_file
                 names = [override] if override else list(getattr(self.spec, f"{modality}_files"))
