@@ -74,6 +74,8 @@ ABLATIONS: list[Ablation] = [
     Ablation("no text view", "view", {"amess.text_view": False}),
     # SS 2: the description encoder.
     Ablation("frozen descriptions", "desc", {"amess.desc_encoder": "frozen"}),
+    # The reverse, for a base run with `--set amess.desc_encoder=frozen` (cheaper on a CPU).
+    Ablation("shared descriptions", "desc", {"amess.desc_encoder": "shared"}),
     # Modality drop.
     Ablation("text only", "modality", {"data.modalities": ["text"]}),
     Ablation("text+audio", "modality", {"data.modalities": ["text", "audio"]}),
