@@ -150,7 +150,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from amess.demo import run_demo
 
     methods = tuple(m.strip() for m in args.methods.split(","))
-    print(run_demo(args.out, size=args.size, seeds=args.seeds, epochs=args.epochs, methods=methods))
+    from amess.config import parse_overrides
+
+    print(run_demo(args.out, size=args.size, seeds=args.seeds, epochs=args.epochs, methods=methods,
+                   settings=parse_overrides(args.set)))
     return 0
 
 
@@ -216,6 +219,7 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("--seeds", type=int, nargs="+", default=[0])
     d.add_argument("--epochs", type=int, default=8)
     d.add_argument("--methods", default="text,amess", help="comma-separated methods")
+    d.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
     d.set_defaults(func=cmd_demo)
 
     from amess.ablate import add_cli as add_ablate_cli
