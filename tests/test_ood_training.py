@@ -36,6 +36,8 @@ def test_detectors_reported_per_detector_in_summary(tmp_path, synth2_dir, tiny_e
             v = test["ood"][det][k]
             assert 0.0 <= v["mean"] <= 1.0 and v["n"] == 2
         assert (out / "seed_0" / f"ood_scores_{det}.png").is_file()
+    for plot in ("embeddings.png", "anchors.png", "training_curve.png", "confusion_matrix.png"):
+        assert (out / "seed_0" / plot).is_file(), plot
     # training never saw an out-of-scope row without outlier exposure
     with np.load(out / "seed_0" / "outputs_train.npz") as z:
         assert (z["labels"] < 30).all()

@@ -405,8 +405,10 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
             r = results[report]
             plots.confusion_matrix(r.labels, r.preds, data.label_names, title=f"{report} (seed {seed})").savefig(
                 seed_dir / "confusion_matrix.png", dpi=110)
+            learned = cfg.model.method == "amess" and cfg.amess.anchor_mode == "learned"
+            inserted = cfg.amess.num_anchors if learned else 0
             write_method_plots(seed_dir, results[report], (data.tests.get(report) or data.dev).samples,
-                               data.label_names, collator, seed)
+                               data.label_names, collator, seed, inserted_anchors=inserted)
             for det, (scores, is_in, thr) in ood_scores.items():
                 plots.score_distributions(scores, is_in, title=f"{det} on {report} (seed {seed})",
                                           threshold=thr).savefig(seed_dir / f"ood_scores_{det}.png", dpi=110)
@@ -415,10 +417,11 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
 
 
 def write_method_plots(seed_dir: Path, res: EvalResult, samples, label_names: list[str], collator: Collator,
-                       seed: int, n_anchor_examples: int = 6) -> None:
+                       seed: int, n_anchor_examples: int = 6, inserted_anchors: int = 0) -> None:
     """Plots of what a method exposes: a 2-D projection of the shared-space embeddings with
     the label descriptions marked (`embeddings.png`), and which tokens were chosen as
-    anchors for a few samples (`anchors.png`)."""
+    anchors for a few samples (`anchors.png`). `inserted_anchors` learned anchor slots sit
+    after [CLS] (A-MESS `learned` mode) and are drawn there as `[anchor]`."""
     from amess import plots
 
     if "z_m" in res.extras:
@@ -430,6 +433,7 @@ def write_method_plots(seed_dir: Path, res: EvalResult, samples, label_names: li
         picked = samples[:n_anchor_examples]
         tokens = [tok.convert_ids_to_tokens(tok(s.text, s.context, truncation=True,
                                                 max_length=collator.text_max_len)["input_ids"]) for s in picked]
+        tokens = [t[:1] + ["[anchor]"] * inserted_anchors + t[1:] for t in tokens]
         anchors = [[int(a) for a in row if a >= 0] for row in res.extras["anchor_index"][: len(picked)]]
         titles = [f"{s.id} (gold {names[s.label]}, predicted {names[int(p)]})" for s, p in zip(picked, res.preds)]
         plots.anchor_tokens(tokens, anchors, titles).savefig(seed_dir / "anchors.png", dpi=110)
