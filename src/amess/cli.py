@@ -1,9 +1,12 @@
 """`amess` command line: thin subcommands over the library.
 
-    amess data synth --out DIR [--dataset mintrec] [--seed S] [--size N]
-    amess data check --dataset mintrec --data-dir DIR [--modalities ...]
-    amess train --dataset mintrec --data-dir DIR --method text --out RUN_DIR [...]
+    amess data synth --out DIR [--dataset mintrec|mintrec2] [--seed S] [--size N]
+    amess data check --dataset mintrec|mintrec2|custom --data-dir DIR [--modalities ...]
+    amess data convert --dataset D --data-dir DIR --out STORE
+    amess train --dataset D --data-dir DIR --method text|amess --out RUN_DIR [...]
     amess evaluate RUN_DIR [--split test]
+    amess ablate --dataset D --data-dir DIR --seeds 0 1 2 --out DIR
+    amess demo [--out demo_runs]
     amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
 """
 

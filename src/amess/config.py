@@ -21,7 +21,7 @@ MODALITIES = ("text", "video", "audio")
 @dataclass
 class DataConfig:
     dataset: str = "mintrec"
-    """Benchmark reader: `mintrec` (see `amess.data.DATASETS`)."""
+    """Reader: `mintrec`, `mintrec2` or `custom` (your own labels; see `amess.data.DATASETS`)."""
     data_dir: str = ""
     """Folder holding the dataset as downloaded (the TSVs, and feature files unless text-only)."""
     modalities: list[str] = field(default_factory=lambda: ["text", "video", "audio"])
