@@ -43,6 +43,11 @@ def test_detectors_reported_per_detector_in_summary(tmp_path, synth2_dir, tiny_e
         assert (z["labels"] < 30).all()
     with np.load(out / "seed_0" / "outputs_test.npz") as z:
         assert (z["labels"] == 30).any() and z["scores"].shape[1] == 30
+    # evaluating the run again reproduces the detectors' figures from the checkpoints
+    assert main(["evaluate", str(out), "--split", "test"]) == 0
+    again = json.loads((out / "summary.json").read_text())["test"]["ood"]
+    for det in ("msp", "mahalanobis", "doc"):
+        assert again[det]["auroc"]["mean"] == pytest.approx(test["ood"][det]["auroc"]["mean"], abs=1e-6)
 
 
 def test_outlier_exposure_keeps_oos_training_rows(tmp_path, synth2_dir, tiny_encoder_dir):

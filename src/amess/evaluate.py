@@ -1,5 +1,6 @@
 """Evaluate a finished run folder: rebuild each seed's model from its `config.yaml`, load
-`model.pt`, score a split, and merge the split's figures into `summary.json`."""
+`model.pt`, score a split, and merge the split's figures into `summary.json` (with the
+run's out-of-scope detectors, refitted on the saved training and dev outputs)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 import torch
 
 from amess.config import Config
-from amess.train import (load_descriptions_for, make_collator, make_loader, predict, prepare_data, split_metrics,
-                         summarise, build_model, make_accelerator)
+from amess.train import (EvalResult, build_model, evaluate_ood, load_descriptions_for, make_accelerator,
+                         make_collator, make_loader, predict, prepare_data, split_metrics, summarise)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,11 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
         res = predict(model, loader, accelerator, split)
         m = split_metrics(res, len(data.label_names), data.label_names, cfg.data.holdout_labels)
         per_seed[seed] = {split: m}
+        saved = {name: sd / f"outputs_{name}.npz" for name in ("train", data.dev_key)}
+        if cfg.ood.detectors and split in data.tests and all(p.is_file() for p in saved.values()):
+            # detectors are fitted on the saved training outputs and tuned on the saved dev ones
+            results = {name: EvalResult.load(p, name) for name, p in saved.items()} | {split: res}
+            evaluate_ood(cfg, results, data, per_seed[seed])
         if accelerator.is_main_process:
             res.save(sd / f"outputs_{split}.npz")
             (sd / f"metrics_{split}.json").write_text(json.dumps(m, indent=2))
