@@ -47,14 +47,15 @@ class Bench:
     """Holds one method's model, loaders and optimiser so that methods can be alternated."""
 
     def __init__(self, cfg):
-        from amess.train import make_accelerator, make_loader, make_optimizer, setup_seed
+        from amess.train import make_accelerator, make_loader, make_optimizer, prepare_model, setup_seed
 
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
         self.data, model, self.collator = setup_seed(cfg, 0)
         opt, sched = make_optimizer(cfg, model, 10_000)
         loader = make_loader(self.data.train, cfg, self.collator, shuffle=True, seed=0, batch_size=cfg.train.batch_size)
-        self.model, self.opt, self.loader, self.sched = self.acc.prepare(model, opt, loader, sched)
+        self.model = prepare_model(model, self.acc)
+        self.opt, self.loader, self.sched = self.acc.prepare(opt, loader, sched)
         self.eval_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0, batch_size=64)
         self.one_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0, batch_size=1)
         self._it = iter(self.loader)
@@ -159,7 +160,7 @@ def mintrec2_scale(tmp: Path, threads: int, steps: int, methods: list[str], work
     code = (
         "import json, resource, sys, time, torch\n"
         "from amess.config import Config\n"
-        "from amess.train import make_accelerator, make_loader, make_optimizer, setup_seed, train_step\n"
+        "from amess.train import make_accelerator, make_loader, make_optimizer, prepare_model, setup_seed, train_step\n"
         "root, store, method, steps, threads, workers = sys.argv[1:7]\n"
         "torch.set_num_threads(int(threads))\n"
         "cfg = Config().override({'data.dataset': 'mintrec2', 'data.data_dir': root, 'data.feature_store': store,"
@@ -168,7 +169,7 @@ def mintrec2_scale(tmp: Path, threads: int, steps: int, methods: list[str], work
         "acc = make_accelerator(cfg); data, model, col = setup_seed(cfg, 0)\n"
         "opt, sched = make_optimizer(cfg, model, 10000)\n"
         "loader = make_loader(data.train, cfg, col, shuffle=True, seed=0, batch_size=16)\n"
-        "model, opt, sched = acc.prepare(model, opt, sched)\n"
+        "model = prepare_model(model, acc); opt, sched = acc.prepare(opt, sched)\n"
         "it = iter(loader); td = ts = 0.0; n = 0\n"
         "for i in range(int(steps) + 3):\n"
         "    t0 = time.perf_counter(); b = next(it); t1 = time.perf_counter()\n"

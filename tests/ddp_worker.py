@@ -11,9 +11,9 @@ import torch.distributed as dist
 from amess.config import Config
 from amess.train import fit, make_accelerator, setup_seed
 
-data_dir, enc, report = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-cfg = Config().override({"data.data_dir": data_dir, "model.text_encoder": enc, "train.epochs": 1,
-                         "train.max_steps": 3, "train.batch_size": 4, "train.progress": False})
+data_dir, enc, report, method = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+cfg = Config().override({"data.data_dir": data_dir, "model.text_encoder": enc, "model.method": method,
+                         "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 4, "train.progress": False})
 acc = make_accelerator(cfg)
 data, model, collator = setup_seed(cfg, 0)
 init = torch.cat([p.detach().flatten().clone() for p in model.parameters()])

@@ -8,13 +8,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_two_process_training_keeps_ranks_in_sync(tmp_path, synth_dir, tiny_encoder_dir):
+
+@pytest.mark.parametrize("method", ["text", "amess"])
+def test_two_process_training_keeps_ranks_in_sync(tmp_path, synth_dir, tiny_encoder_dir, method):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     report = tmp_path / "report.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--nproc_per_node=2", "--standalone",
-           str(Path(__file__).with_name("ddp_worker.py")), str(synth_dir), str(tiny_encoder_dir), str(report)]
+           str(Path(__file__).with_name("ddp_worker.py")), str(synth_dir), str(tiny_encoder_dir), str(report), method]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(report.read_text())

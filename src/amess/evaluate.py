@@ -12,7 +12,7 @@ import torch
 
 from amess.config import Config
 from amess.train import (EvalResult, build_model, evaluate_ood, load_descriptions_for, make_accelerator,
-                         make_collator, make_loader, predict, prepare_data, split_metrics, summarise)
+                         make_collator, make_loader, predict, prepare_data, prepare_model, split_metrics, summarise)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
         collator = make_collator(cfg, data, encoder.tokenizer)
         target = data.tests.get(split, data.dev)
         loader = make_loader(target, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
-        model, loader = accelerator.prepare(model, loader)
+        model, loader = prepare_model(model, accelerator), accelerator.prepare(loader)
         res = predict(model, loader, accelerator, split)
         m = split_metrics(res, len(data.label_names), data.label_names, cfg.data.holdout_labels)
         per_seed[seed] = {split: m}

@@ -255,12 +255,43 @@ def split_metrics(res: EvalResult, num_labels: int, label_names: list[str],
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
 
-    # some parameters are idle in some configurations (e.g. learned anchors in `topk` mode)
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
-                       cpu=not torch.cuda.is_available(), kwargs_handlers=[ddp])
+                       cpu=not torch.cuda.is_available())
+
+
+def prepare_model(model, accelerator):
+    """Place the model on the process's device; with several processes, start every rank
+    from rank 0's weights.
+
+    The model is not wrapped in DistributedDataParallel: A-MESS runs the shared encoder
+    several times per step (fused text, text view, descriptions) and leaves parameters idle
+    in some configurations, which DDP's reducer does not allow (and its static-graph mode
+    was seen to let ranks drift apart). Gradients are averaged by `sync_gradients` instead.
+    """
+    model = model.to(accelerator.device)
+    if accelerator.num_processes > 1:
+        import torch.distributed as dist
+
+        for t in model.state_dict().values():
+            dist.broadcast(t, src=0)
+    return model
+
+
+def sync_gradients(model, accelerator) -> None:
+    """Average gradients over processes with one flat all-reduce (missing grads count as 0)."""
+    if accelerator.num_processes == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= accelerator.num_processes
+    for p, g in zip(params, _unflatten_dense_tensors(flat, grads)):
+        p.grad = g
 
 
 @dataclass
@@ -281,6 +312,7 @@ def train_step(cfg: Config, model, batch, optimizer, sched, accelerator, num_lab
         if cfg.ood.outlier_exposure:
             loss = loss + cfg.ood.oe_weight * outlier_exposure(out.logits[batch.labels >= num_labels])
     accelerator.backward(loss)
+    sync_gradients(model, accelerator)
     if cfg.train.grad_clip > 0:
         accelerator.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
     optimizer.step()
@@ -313,8 +345,8 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, a
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     optimizer, sched = make_optimizer(cfg, model, total)
-    model, optimizer, train_loader, dev_loader, sched = accelerator.prepare(model, optimizer, train_loader,
-                                                                            dev_loader, sched)
+    model = prepare_model(model, accelerator)
+    optimizer, train_loader, dev_loader, sched = accelerator.prepare(optimizer, train_loader, dev_loader, sched)
     C = len(data.label_names)
     best, best_epoch, bad, step, n_seen, history = -math.inf, -1, 0, 0, 0, []
     t_start = time.perf_counter()
