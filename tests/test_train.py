@@ -87,3 +87,18 @@ def test_unloadable_encoder_says_how_to_fix(tmp_path):
 
     with pytest.raises(RuntimeError, match="Point --text-encoder at a local folder"):
         load_text_encoder(str(tmp_path / "no-such-model"))
+
+
+def test_hub_name_offline_says_how_to_use_a_local_folder(monkeypatch):
+    from amess.models.encoders import load_text_encoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"'bert-base-uncased'.*not a local folder.*local folder holding config.json"):
+        load_text_encoder("bert-base-uncased")
+
+
+def test_bf16_mixed_precision_trains(tmp_path, synth_dir, tiny_encoder_dir):
+    out = tmp_path / "run"
+    _train(out, synth_dir, tiny_encoder_dir, "--precision", "bf16", "--modalities", "text")
+    m = json.loads((out / "seed_0" / "metrics.json").read_text())
+    assert np.isfinite(m["history"][0]["train_loss"])
