@@ -9,6 +9,7 @@ here. Contradictions are rejected in `__post_init__` / `validate()`.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -253,7 +254,9 @@ class Config:
             unknown = set(section) - known
             if unknown:
                 raise ValueError(f"config section {f.name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-            kwargs[f.name] = type(sub)(**{**dataclasses.asdict(sub), **section})
+            hints = typing.get_type_hints(type(sub))
+            values = {k: _coerce(v, hints[k], f"{f.name}.{k}") for k, v in section.items()}
+            kwargs[f.name] = type(sub)(**{**dataclasses.asdict(sub), **values})
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"config: unknown sections {sorted(unknown)}")
@@ -274,6 +277,31 @@ class Config:
                 raise ValueError(f"override {key!r}: no such setting")
             d[section][name] = yaml.safe_load(value) if isinstance(value, str) else value
         return Config.from_dict(d)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a setting against its field type; numbers written as strings (YAML reads `1e-4`
+    as a string) become numbers, anything else of the wrong type is an error naming the key."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"{key}: a value is required")
+    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
+    if base is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected a number, got {value!r}") from None
+    if base is int and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+    if base is bool and not isinstance(value, bool):
+        raise ValueError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, str]:

@@ -1,0 +1,27 @@
+import pytest
+import yaml
+
+from amess.config import Config, parse_overrides
+
+
+def test_overrides_are_typed_and_checked():
+    c = Config().override(parse_overrides(["train.lr=1e-4", "train.max_steps=3", "amess.text_view=false",
+                                           "train.seeds=[0, 1]", "train.encoder_lr=null"]))
+    assert c.train.lr == 1e-4 and isinstance(c.train.lr, float)  # YAML alone reads 1e-4 as a string
+    assert c.train.max_steps == 3 and c.amess.text_view is False and c.train.seeds == [0, 1]
+    assert c.train.encoder_lr is None
+    with pytest.raises(ValueError, match="train.lr: expected a number"):
+        Config().override({"train.lr": "fast"})
+    with pytest.raises(ValueError, match="no such setting"):
+        Config().override({"train.nope": "1"})
+    with pytest.raises(ValueError, match="modalities must include `text`"):
+        Config().override({"data.modalities": ["video"]})
+
+
+def test_yaml_round_trip_and_unknown_keys(tmp_path):
+    c = Config().override({"model.method": "amess", "amess.num_anchors": 8, "ood.detectors": ["msp"]})
+    c.save(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml") == c
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"train": {"learning_rate": 1}}))
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
+        Config.load(tmp_path / "bad.yaml")
