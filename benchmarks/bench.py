@@ -201,6 +201,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15, help="training steps per repetition")
     p.add_argument("--methods", default="text,amess,amess-frozen",
                    help="methods, or amess-frozen (A-MESS with the description encoder frozen)")
+    p.add_argument("--skip-throughput", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-mintrec2", action="store_true", help="skip the MIntRec2.0-scale store benchmark")
     p.add_argument("--only-mintrec2", action="store_true", help="run only the MIntRec2.0-scale store benchmark")
@@ -238,9 +239,9 @@ def main() -> None:
             sets.append(("MIntRec text (real train.tsv)", SHARED_MINTREC, ["text"]))
         sets.append(("synthetic, text+video+audio", synth, ["text", "video", "audio"]))
         lines += ["| data | method | train samples/s | inference samples/s | latency ms (batch 1) |",
-                  "|---|---|---|---|---|"]
+                  "|---|---|---|---|---|"] if not args.skip_throughput else []
         ratios = []
-        for name, d, mods in sets:
+        for name, d, mods in ([] if args.skip_throughput else sets):
             res = throughput(d, methods, mods, args.reps, args.steps)
             for m in methods:
                 r = res[m]
