@@ -203,10 +203,12 @@ def _oracle_table(y: np.ndarray, text_group: list[int], vb: list[int | None], ab
             for i in range(len(y)):
                 groups = [text_group[i]] if "text" in subset else range(n_groups)
                 cands = [4 * g + j for g in groups for j in range(4) if 4 * g + j < len(prior)]
+                # a misread bit can rule out every candidate (a group with fewer than 4
+                # intents): the oracle then keeps what it had
                 if "video" in subset and vb[i] is not None:
-                    cands = [c for c in cands if c % 2 == vb[i]]
+                    cands = [c for c in cands if c % 2 == vb[i]] or cands
                 if "audio" in subset and ab[i] is not None:
-                    cands = [c for c in cands if (c % 4) // 2 == ab[i]]
+                    cands = [c for c in cands if (c % 4) // 2 == ab[i]] or cands
                 pred = max(cands, key=lambda c: prior[c])
                 correct += int(pred == y[i])
             res["+".join(subset)] = round(correct / max(1, len(y)), 4)
