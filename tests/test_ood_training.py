@@ -54,10 +54,13 @@ def test_outlier_exposure_keeps_oos_training_rows(tmp_path, synth2_dir, tiny_enc
     out = tmp_path / "run"
     rc = main(["train", "--dataset", "mintrec2", "--data-dir", str(synth2_dir), "--method", "text",
                "--text-encoder", str(tiny_encoder_dir), "--epochs", "1", "--max-steps", "2", "--no-progress",
-               "--outlier-exposure", "--ood-detector", "msp", "--out", str(out)])
+               "--outlier-exposure", "--ood-detector", "msp", "desc_sim", "--out", str(out)])
     assert rc == 0
     with np.load(out / "seed_0" / "outputs_train.npz") as z:
         assert (z["labels"] == 30).any()
+    # `text` has no description similarities: desc_sim is skipped, the others reported
+    ood = json.loads((out / "summary.json").read_text())["test"]["ood"]
+    assert set(ood) == {"msp"}
 
 
 def test_unknown_detector_is_rejected(tmp_path, synth2_dir, tiny_encoder_dir, caplog):

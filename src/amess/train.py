@@ -484,9 +484,14 @@ def evaluate_ood(cfg: Config, results: dict[str, EvalResult], data: PreparedData
     if not cfg.ood.detectors:
         return plotted
     train, dev = results["train"].bundle(), results[data.dev_key].bundle()
+    detectors = list(cfg.ood.detectors)
+    if "desc_sim" in detectors and train.desc_sims is None:
+        log.warning("ood detector desc_sim skipped: method %r gives no similarities to label descriptions",
+                    cfg.model.method)
+        detectors.remove("desc_sim")
     for split in data.tests:
         test = results[split].bundle()
-        for name in cfg.ood.detectors:
+        for name in detectors:
             det = build_detector(name)
             m = evaluate_detector(det, train, dev, test, metric=cfg.ood.tune_metric)
             metrics[split].setdefault("ood", {})[name] = m
