@@ -212,3 +212,28 @@ def test_synth_layout_and_oracle(synth_dir):
     video = safe_load(synth_dir / "video_data" / "video_feats.pkl")
     first = next(iter(video.values()))
     assert isinstance(first, list) and (len(first) == 0 or first[0].shape == (1, 256))
+
+
+def test_compact_load_matches_full_precision_load(tmp_path):
+    """The float16-on-read loader (InMemoryFeatures) gives the same features as a plain load,
+    for every stored layout, including arrays shared between entries."""
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((1, 256)).astype(np.float32)
+    obj = {"a": rng.standard_normal((50, 768)).astype(np.float32),
+           "b": [shared, shared, rng.standard_normal((1, 256)).astype(np.float32)],
+           "c": torch.randn(7, 768), "d": rng.standard_normal((40, 1, 256)), "e": [shared]}
+    p = tmp_path / "f.pkl"
+    with open(p, "wb") as f:
+        pickle.dump(obj, f, protocol=4)
+    full, small = safe_load(p), safe_load(p, compact_dtype=np.float16)
+    from amess.data.safe_pickle import to_numpy
+
+    for k in obj:
+        a = to_numpy(full[k], path=p, sample_id=k).astype(np.float16)
+        b = to_numpy(small[k], path=p, sample_id=k).astype(np.float16)
+        assert np.array_equal(a, b), k
+    assert small["a"].dtype == np.float16
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"x": _Evil()}, f)
+    with pytest.raises(UnsafePickleError, match="refused"):
+        safe_load(tmp_path / "evil.pkl", compact_dtype=np.float16)

@@ -13,7 +13,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from amess.data.safe_pickle import safe_load, to_numpy
+from amess.data.safe_pickle import UnsafePickleError, safe_load, to_numpy
 
 
 class FeatureSource(Protocol):
@@ -43,7 +43,12 @@ class InMemoryFeatures:
     def __init__(self, path: str | Path, *, keep: Iterable[str] | None = None, max_len: int | None = None,
                  dtype: np.dtype = np.float16):
         self.path = str(path)
-        raw = safe_load(path)
+        try:
+            raw = safe_load(path, compact_dtype=dtype)
+        except UnsafePickleError as e:
+            if "refused" in str(e):
+                raise
+            raw = safe_load(path)  # an unusual but valid layout: load at full precision
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a dict sample_id -> features, got {type(raw).__name__}")
         wanted = set(keep) if keep is not None else None

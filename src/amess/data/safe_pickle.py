@@ -40,25 +40,84 @@ class UnsafePickleError(pickle.UnpicklingError):
     pass
 
 
+def _check_global(path: str, module: str, name: str) -> None:
+    """Refuse every global a feature file has no business naming."""
+    if (module, name) in _ALLOWED or module.startswith(_ALLOWED_NUMPY_PREFIXES) or (
+        module == "numpy" and name in _ALLOWED_NUMPY_NAMES
+    ):
+        return
+    raise UnsafePickleError(
+        f"{path}: refused to load global {module}.{name}; feature files may only hold "
+        "numpy arrays, torch tensors and plain containers (this file may be corrupt or malicious)"
+    )
+
+
 class _Restricted(pickle.Unpickler):
     def __init__(self, f, path: str):
         super().__init__(f)
         self._path = path
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED or module.startswith(_ALLOWED_NUMPY_PREFIXES) or (
-            module == "numpy" and name in _ALLOWED_NUMPY_NAMES
-        ):
-            if module == "torch.storage" and name == "_load_from_bytes":
-                return _torch_storage_from_bytes
-            return super().find_class(module, name)
-        raise UnsafePickleError(
-            f"{self._path}: refused to load global {module}.{name}; feature files may only hold "
-            "numpy arrays, torch tensors and plain containers (this file may be corrupt or malicious)"
-        )
+        _check_global(self._path, module, name)
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _torch_storage_from_bytes
+        return super().find_class(module, name)
 
     def persistent_load(self, pid: Any) -> Any:  # torch.save's zip format is not a plain pickle
         raise UnsafePickleError(f"{self._path}: persistent ids are not allowed in a feature pickle")
+
+
+class _RestrictedCompact(pickle._Unpickler):
+    """The same restrictions, in pickle's Python unpickler, which lets each float array be
+    stored compactly the moment it is rebuilt: peak memory is then about the compact data
+    plus one array, not the whole file at float32 (MIntRec audio is ~2 GB as stored)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, f, path: str, dtype: np.dtype):
+        super().__init__(f)
+        self._path = path
+        self._dtype = np.dtype(dtype)
+        self._memo_key: dict[int, int] = {}
+
+    def find_class(self, module: str, name: str) -> Any:
+        _check_global(self._path, module, name)
+        if module == "torch.storage" and name == "_load_from_bytes":
+            return _torch_storage_from_bytes
+        return super().find_class(module, name)
+
+    persistent_load = _Restricted.persistent_load
+
+    def _load_memoize(self) -> None:
+        # remember where each array sits in the memo, so that the full-precision copy can be
+        # replaced there too (else the memo would keep every one of them alive)
+        self._memo_key[id(self.stack[-1])] = len(self.memo)
+        pickle._Unpickler.dispatch[pickle.MEMOIZE[0]](self)
+
+    def _load_build_compact(self) -> None:
+        state = self.stack[-1]
+        pickle._Unpickler.dispatch[pickle.BUILD[0]](self)
+        top = self.stack[-1]
+        if isinstance(top, np.ndarray) and isinstance(state, tuple):
+            key = self._memo_key.pop(id(state), None)  # the state tuple holds the bytes too
+            if key is not None and self.memo.get(key) is state:
+                self.memo[key] = None
+            # the array's raw bytes were memoized too; an array's bytes are never referenced
+            # again, so release them (the memo keeps its length: MEMOIZE keys are its size)
+            for part in state:
+                if isinstance(part, (bytes, bytearray)) and len(part) >= 4096:
+                    key = self._memo_key.pop(id(part), None)
+                    if key is not None and self.memo.get(key) is part:
+                        self.memo[key] = None
+        if isinstance(top, np.ndarray) and top.dtype.kind == "f" and top.dtype != self._dtype:
+            small = top.astype(self._dtype)
+            self.stack[-1] = small
+            key = self._memo_key.pop(id(top), None)
+            if key is not None and self.memo.get(key) is top:
+                self.memo[key] = small
+
+    dispatch[pickle.MEMOIZE[0]] = _load_memoize
+    dispatch[pickle.BUILD[0]] = _load_build_compact
 
 
 def _torch_storage_from_bytes(b: bytes) -> Any:
@@ -69,11 +128,17 @@ def _torch_storage_from_bytes(b: bytes) -> Any:
     return torch.load(io.BytesIO(b), weights_only=True)
 
 
-def safe_load(path: str | Path) -> Any:
-    """Load a pickle of arrays/tensors/containers. Errors name the file."""
+def safe_load(path: str | Path, *, compact_dtype: np.dtype | None = None) -> Any:
+    """Load a pickle of arrays/tensors/containers. Errors name the file.
+
+    With `compact_dtype` (e.g. float16), every float numpy array is converted to it as soon
+    as it is read, so a large feature file never sits in memory at full precision.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as f:
+            if compact_dtype is not None:
+                return _RestrictedCompact(f, str(path), compact_dtype).load()
             return _Restricted(f, str(path)).load()
     except UnsafePickleError:
         raise
