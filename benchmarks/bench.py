@@ -202,6 +202,8 @@ def main() -> None:
     p.add_argument("--methods", default="text,amess,amess-frozen",
                    help="methods, or amess-frozen (A-MESS with the description encoder frozen)")
     p.add_argument("--skip-throughput", action="store_true")
+    p.add_argument("--memory-data", default=None,
+                   help="reuse a dataset made by `generate(size=2224, video_len=(20, 226), audio_len=(60, 478))`")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-mintrec2", action="store_true", help="skip the MIntRec2.0-scale store benchmark")
     p.add_argument("--only-mintrec2", action="store_true", help="run only the MIntRec2.0-scale store benchmark")
@@ -253,8 +255,9 @@ def main() -> None:
                 ratios.append(f"{name}: {other} step time = {tr:.2f}x text, inference time = {inf:.2f}x text")
         lines += [""] + [f"- {r}" for r in ratios]
         if not args.skip_memory:
-            big = tmp / "mintrec_size"
-            generate(big, seed=0, size=2224, video_len=(20, 226), audio_len=(60, 478))
+            big = Path(args.memory_data) if args.memory_data else tmp / "mintrec_size"
+            if not args.memory_data:
+                generate(big, seed=0, size=2224, video_len=(20, 226), audio_len=(60, 478))
             mem_rows = []
             common = ["--no-progress", "--max-steps", "20", "--epochs", "1", "--set", "train.plots=false",
                       "--threads", str(args.threads)]

@@ -105,7 +105,7 @@ class _RestrictedCompact(pickle._Unpickler):
             # the array's raw bytes were memoized too; an array's bytes are never referenced
             # again, so release them (the memo keeps its length: MEMOIZE keys are its size)
             for part in state:
-                if isinstance(part, (bytes, bytearray)) and len(part) >= 4096:
+                if isinstance(part, (bytes, bytearray)):
                     key = self._memo_key.pop(id(part), None)
                     if key is not None and self.memo.get(key) is part:
                         self.memo[key] = None
