@@ -29,3 +29,5 @@ if acc.is_main_process:
         "moved": float((final - init).abs().max()),
         "steps": fr.steps,
     }))
+dist.barrier()
+dist.destroy_process_group()  # an orderly gloo shutdown (else a rank can abort at exit)

@@ -542,6 +542,9 @@ def run(cfg: Config, out_dir: str | Path) -> dict:
     summary = summarise(per_seed)
     if accelerator.is_main_process:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if accelerator.num_processes > 1:
+        accelerator.wait_for_everyone()
+        accelerator.end_training()  # destroys the process group: an orderly gloo/NCCL shutdown
     return summary
 
 
