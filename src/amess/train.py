@@ -255,7 +255,11 @@ def split_metrics(res: EvalResult, num_labels: int, label_names: list[str],
 
 def make_accelerator(cfg: Config):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    # one process may train several configurations (ablations, the demo, tests) whose
+    # precision differs; the process group itself (PartialState) is kept
+    AcceleratorState._reset_state()
     return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
                        cpu=not torch.cuda.is_available())
 
