@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from amess import train as _train
-from amess.config import Config, parse_overrides
+from amess.config import Config, flag_overrides, parse_overrides
 
 log = logging.getLogger(__name__)
 
@@ -276,13 +276,10 @@ def write_csv(path: str | Path, summaries: dict[str, dict]) -> None:
 def build_config(args: argparse.Namespace) -> Config:
     """Defaults, then `--config`, then the flags, then `--set` (rows are applied later)."""
     cfg = Config.load(args.config) if args.config else Config()
-    o: dict[str, Any] = {}
-    for flag, key in (("dataset", "data.dataset"), ("data_dir", "data.data_dir"), ("seeds", "train.seeds"),
-                      ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("text_encoder", "model.text_encoder"), ("max_steps", "train.max_steps")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            o[key] = v
+    o: dict[str, Any] = flag_overrides(args, (
+        ("dataset", "data.dataset"), ("data_dir", "data.data_dir"), ("seeds", "train.seeds"),
+        ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+        ("text_encoder", "model.text_encoder"), ("max_steps", "train.max_steps")))
     if args.no_progress:
         o["train.progress"] = False
     o.update(parse_overrides(args.set))

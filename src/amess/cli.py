@@ -94,7 +94,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def build_train_config(args: argparse.Namespace):
-    from amess.config import Config, parse_overrides
+    from amess.config import Config, flag_overrides, parse_overrides
 
     cfg = Config.load(args.config) if args.config else Config()
     o = _data_overrides(args)
@@ -102,14 +102,11 @@ def build_train_config(args: argparse.Namespace):
         o["model.method"] = args.method
     if args.text_encoder:
         o["model.text_encoder"] = args.text_encoder
-    for flag, key in (("seeds", "train.seeds"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
-                      ("lr", "train.lr"), ("encoder_lr", "train.encoder_lr"), ("patience", "train.patience"),
-                      ("precision", "train.precision"), ("max_steps", "train.max_steps"),
-                      ("threads", "train.threads"), ("dev_split", "data.dev_split"),
-                      ("test_splits", "data.test_splits"), ("monitor", "train.monitor")):
-        v = getattr(args, flag, None)
-        if v is not None:
-            o[key] = v
+    o.update(flag_overrides(args, (
+        ("seeds", "train.seeds"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
+        ("lr", "train.lr"), ("encoder_lr", "train.encoder_lr"), ("patience", "train.patience"),
+        ("precision", "train.precision"), ("max_steps", "train.max_steps"), ("threads", "train.threads"),
+        ("dev_split", "data.dev_split"), ("test_splits", "data.test_splits"), ("monitor", "train.monitor"))))
     if args.holdout_labels:
         o["data.holdout_labels"] = [s.strip() for s in args.holdout_labels.split(",") if s.strip()]
     if args.label_descriptions:

@@ -304,6 +304,11 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
+def flag_overrides(args: Any, pairs: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """`{setting: value}` for each (attribute, setting) pair whose command-line flag was given."""
+    return {key: getattr(args, flag) for flag, key in pairs if getattr(args, flag, None) is not None}
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:

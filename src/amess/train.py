@@ -195,7 +195,8 @@ def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
         row.update({f"x_{k}": v.float() if v.is_floating_point() else v for k, v in out.extras.items()
                     if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == len(batch)})
         row = accelerator.gather_for_metrics(row)
-        shared = {k: v.detach().float().cpu().numpy() for k, v in out.shared.items()}
+        if not shared:  # batch-independent (e.g. description embeddings): convert once
+            shared = {k: v.detach().float().cpu().numpy() for k, v in out.shared.items()}
         ids.extend(batch.ids if accelerator.num_processes == 1 else _gather_ids(batch.ids, accelerator))
         labels.append(row["labels"].cpu().numpy())
         scores.append(row["scores"].cpu().numpy())
