@@ -25,7 +25,7 @@ def test_convert_then_train_from_store_matches_pickles(tmp_path, synth_dir, tiny
 
 def test_training_from_an_incomplete_store_is_refused(tmp_path, synth_dir, tiny_encoder_dir, caplog):
     (tmp_path / "empty_store").mkdir()
-    rc = main(["train", "--data-dir", str(synth_dir), "--method", "text", "--text-encoder", str(tiny_encoder_dir),
+    rc = main(["train", "--data-dir", str(synth_dir), "--method", "amess", "--text-encoder", str(tiny_encoder_dir),
                "--feature-store", str(tmp_path / "empty_store"), "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2
     assert "amess data convert" in caplog.text

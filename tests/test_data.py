@@ -141,8 +141,11 @@ def test_restricted_unpickler_loads_arrays_and_tensors(tmp_path):
     out = safe_load(p)
     assert np.array_equal(out["a"], obj["a"]) and torch.equal(out["b"], obj["b"])
     (tmp_path / "trunc.pkl").write_bytes(p.read_bytes()[:40])
-    with pytest.raises(UnsafePickleError, match="trunc.pkl: not a readable feature pickle"):
-        safe_load(tmp_path / "trunc.pkl")
+    (tmp_path / "garbage.pkl").write_bytes(b"not a pickle")
+    for bad in ("trunc.pkl", "garbage.pkl"):  # both readers: the C one and the compact Python one
+        for compact in (None, np.float16):
+            with pytest.raises(UnsafePickleError, match=f"{bad}: not a readable feature pickle"):
+                safe_load(tmp_path / bad, compact_dtype=compact)
 
 
 def test_pad_frames_masks_from_lengths():

@@ -102,3 +102,21 @@ def test_bf16_mixed_precision_trains(tmp_path, synth_dir, tiny_encoder_dir):
     _train(out, synth_dir, tiny_encoder_dir, "--precision", "bf16", "--modalities", "text")
     m = json.loads((out / "seed_0" / "metrics.json").read_text())
     assert np.isfinite(m["history"][0]["train_loss"])
+
+
+def test_text_method_never_loads_features_it_does_not_read(tmp_path, synth_dir, tiny_encoder_dir, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="amess")
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    for f in ("video_data/video_feats.pkl", "audio_data/audio_feats.pkl"):
+        (data / f).write_bytes(b"not a pickle")  # any attempt to read these would fail
+    # all modalities configured (the default), but `text` reads text only
+    _train(tmp_path / "text", data, tiny_encoder_dir)
+    assert "does not read video, audio" in caplog.text
+    args = ["train", "--data-dir", str(data), "--method", "amess", "--text-encoder", str(tiny_encoder_dir),
+            "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "amess")]
+    assert main(args) == 2
+    assert "video_feats.pkl" in caplog.text

@@ -16,6 +16,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from pickle import UnpicklingError
 
 log = logging.getLogger("amess")
 
@@ -238,10 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, UnpicklingError) as e:
         from amess.data import DataError
 
-        if isinstance(e, (DataError, FileNotFoundError)) or not args.verbose:
+        # a refused or unreadable feature file is bad input, named in the message: no traceback
+        if isinstance(e, (DataError, FileNotFoundError, UnpicklingError)) or not args.verbose:
             log.error("%s", e)
             return 2
         raise

@@ -92,8 +92,19 @@ class PreparedData:
 
 def prepare_data(cfg: Config, seed: int) -> PreparedData:
     """Read the splits the config names; hold back a dev slice of train when asked
-    (`dev_split: train:0.1`); drop held-out intents from train and dev."""
-    reader = get_reader(cfg.data)
+    (`dev_split: train:0.1`); drop held-out intents from train and dev.
+
+    Feature files are loaded only for the modalities the method reads (`IntentModel.reads`):
+    the `text` baseline on an all-modality config never holds video or audio in memory."""
+    from amess.models import method_class
+
+    reads = method_class(cfg.model.method).reads
+    data_cfg = cfg.data
+    unread = [m for m in data_cfg.modalities if m not in reads]
+    if unread:
+        log.info("method %r does not read %s: those features are not loaded", cfg.model.method, ", ".join(unread))
+        data_cfg = replace(data_cfg, modalities=[m for m in data_cfg.modalities if m in reads])
+    reader = get_reader(data_cfg)
     label_names = reader.label_names
     available = reader.available_splits()
     holdout_frac = None

@@ -13,7 +13,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
-from amess.data.safe_pickle import UnsafePickleError, safe_load, to_numpy
+from amess.data.safe_pickle import load_compact, to_numpy
 
 
 class FeatureSource(Protocol):
@@ -43,12 +43,7 @@ class InMemoryFeatures:
     def __init__(self, path: str | Path, *, keep: Iterable[str] | None = None, max_len: int | None = None,
                  dtype: np.dtype = np.float16):
         self.path = str(path)
-        try:
-            raw = safe_load(path, compact_dtype=dtype)
-        except UnsafePickleError as e:
-            if "refused" in str(e):
-                raise
-            raw = safe_load(path)  # an unusual but valid layout: load at full precision
+        raw = load_compact(path, dtype)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a dict sample_id -> features, got {type(raw).__name__}")
         wanted = set(keep) if keep is not None else None

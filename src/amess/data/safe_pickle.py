@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,21 @@ def safe_load(path: str | Path, *, compact_dtype: np.dtype | None = None) -> Any
         raise
     except FileNotFoundError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError) as e:
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            struct.error) as e:  # the Python unpickler meets garbage with KeyError (unknown opcode)
         raise UnsafePickleError(f"{path}: not a readable feature pickle ({type(e).__name__}: {e}); "
                                 "the file may be empty or truncated") from e
+
+
+def load_compact(path: str | Path, dtype: np.dtype) -> Any:
+    """`safe_load` with float arrays cast to `dtype` as they are read; a file whose layout
+    the compact reader cannot follow (but that is not refused) is loaded at full precision."""
+    try:
+        return safe_load(path, compact_dtype=dtype)
+    except UnsafePickleError as e:
+        if "refused" in str(e):
+            raise
+        return safe_load(path)
 
 
 def to_numpy(value: Any, *, path: str | Path, sample_id: str) -> np.ndarray:

@@ -23,9 +23,10 @@ missing or incomplete is refused by `open_store`.
 Conversion and memory
 ---------------------
 A pickle cannot be read partially: `convert_pickle` loads one source file whole through
-the restricted unpickler (`amess.data.safe_pickle.safe_load`), so its peak memory is about
-the size of that one pickle (float32 as stored: roughly 1 GB for MIntRec2.0's video and
-7 GB for its audio, never both at once). It then pops the samples from the loaded dict
+the restricted unpickler (`amess.data.safe_pickle.load_compact`), which casts every float
+array to the store's dtype as it is read, so its peak memory is about that one pickle's
+contents at the store's precision (float16: half the float32 file, roughly 0.5 GB for
+MIntRec2.0's video and 3.5 GB for its audio, never both at once). It then pops the samples from the loaded dict
 one by one, writing each to the .bin through a buffered file and dropping it, so memory
 falls during the pass. Nothing ever builds one big array. Training afterwards needs only
 the index and the pages of the current batch.
@@ -70,7 +71,7 @@ from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from amess.data.safe_pickle import safe_load, to_numpy
+from amess.data.safe_pickle import load_compact, to_numpy
 
 logger = logging.getLogger(__name__)
 
@@ -506,7 +507,8 @@ def convert_pickle(
     """Convert one feature pickle (dict sample_id -> `(T, d)` features) into the store.
 
     Memory: the pickle is loaded whole through `safe_load` (pickles cannot be read in
-    parts), so peak memory is about the size of this one file; samples are then popped
+    parts), its float arrays cast to `dtype` as they are read, so peak memory is about this
+    one file's contents at the store's precision (half the float32 file); samples are then popped
     from the dict and written one by one, so memory falls during the pass. Convert one
     modality per call.
 
@@ -526,7 +528,8 @@ def convert_pickle(
         return {**entry, "name": name, "store_dir": str(store_dir), "skipped": True, "resumed_samples": 0,
                 "missing_ids": 0, "seconds": 0.0}
     logger.info("%s: loading %.1f MB (a pickle is read whole)", src, source["size"] / 1e6)
-    raw = safe_load(src)
+    # arrays are cast to the store's dtype as they are unpickled (never the whole file at float32)
+    raw = load_compact(src, np.dtype(dtype))
     if not isinstance(raw, dict):
         raise ValueError(f"{src}: expected a dict sample_id -> features, got {type(raw).__name__}")
     st = src.stat()

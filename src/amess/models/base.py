@@ -43,7 +43,13 @@ class IntentModel(nn.Module):
     dims are None for modalities that are not used, and `descriptions` is None or one
     description string per label, in the order of `label_names` (SS, docs/amess-method.md).
     A method that does not use descriptions accepts and ignores them.
+
+    `reads` names the modalities the method's forward uses: training loads feature files
+    only for modalities that are both configured and read (a text model never pays the
+    memory of video and audio features).
     """
+
+    reads: tuple[str, ...] = ("text", "video", "audio")
 
     def loss(self, out: IntentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss and its named parts (for logging). Default: cross-entropy.

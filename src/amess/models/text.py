@@ -20,6 +20,8 @@ from amess.models.encoders import TextEncoder
 class TextClassifier(IntentModel):
     """encoder(text) -> pool (`model.pooling`) -> dropout -> Linear(d, C)."""
 
+    reads = ("text",)
+
     def __init__(self, *, config: Config, encoder: TextEncoder, num_labels: int,
                  video_dim: int | None = None, audio_dim: int | None = None,
                  label_names: Sequence[str] | None = None,
