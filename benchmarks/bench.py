@@ -36,13 +36,17 @@ SHARED_MINTREC = REPO.parent / "shared" / "data" / "mintrec"
 
 VARIANTS = {"amess-frozen": ("amess", {"amess.desc_encoder": "frozen"})}
 """Bench names beyond the registered methods: a method plus overrides."""
+SETTINGS: list[str] = []
+"""`--set KEY=VALUE` items applied to every configuration (A/B tests of a setting)."""
 
 
 def _cfg(data_dir: Path, name: str, modalities: list[str], batch: int, extra: dict | None = None):
     from amess.config import Config
 
+    from amess.config import parse_overrides
+
     method, variant = VARIANTS.get(name, (name, {}))
-    extra = {**variant, **(extra or {})}
+    extra = {**parse_overrides(SETTINGS), **variant, **(extra or {})}
     return Config().override({"data.data_dir": str(data_dir), "data.modalities": modalities,
                               "model.method": method, "train.batch_size": batch, "train.progress": False,
                               "data.dev_split": "train:0.1" if not (data_dir / "dev.tsv").exists() else "dev",
@@ -210,7 +214,10 @@ def main() -> None:
     p.add_argument("--mintrec2-size", type=int, default=15040, help="utterances in the MIntRec2.0-scale benchmark")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers in the MIntRec2.0-scale benchmark")
     p.add_argument("--append", default=None, help="append the results block to this markdown file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config setting for every run (e.g. train.mmap_threshold_kb=null to A/B the allocator)")
     args = p.parse_args()
+    SETTINGS[:] = args.set
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
     methods = args.methods.split(",")
@@ -223,8 +230,9 @@ def main() -> None:
     except (OSError, StopIteration):
         pass
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    sets_flags = "".join(f" --set {x}" for x in args.set)
     lines += [f"### {now}: `make bench` (benchmarks/bench.py --threads {args.threads} --reps {args.reps} "
-              f"--steps {args.steps})", "",
+              f"--steps {args.steps}{sets_flags})", "",
               f"Machine: {os.cpu_count()} cores, {cpu}; torch {torch.__version__}, {args.threads} threads; "
               "encoder packaged all-MiniLM-L6-v2 (6 layers, hidden 384); batch 16 (train), 64 (inference), "
               "1 (latency); text max 30 tokens, padded per batch.", ""]
@@ -260,17 +268,24 @@ def main() -> None:
                 generate(big, seed=0, size=2224, video_len=(20, 226), audio_len=(60, 478))
             mem_rows = []
             common = ["--no-progress", "--max-steps", "20", "--epochs", "1", "--set", "train.plots=false",
-                      "--threads", str(args.threads)]
+                      "--threads", str(args.threads), *[a for x in args.set for a in ("--set", x)]]
             if (SHARED_MINTREC / "train.tsv").is_file():
                 rss, sec = peak_rss(["train", "--data-dir", str(SHARED_MINTREC), "--modalities", "text",
                                      "--method", "text", "--dev-split", "train:0.1", "--test-splits", "dev",
                                      "--out", str(tmp / "m1"), *common])
                 mem_rows.append(("text, real MIntRec text, text only", rss, sec))
+            where = "synthetic MIntRec-size (2,224 utt., video 20-225 x 256, audio 60-477 x 768), all modalities"
             for m in [m for m in methods if m not in VARIANTS]:
                 rss, sec = peak_rss(["train", "--data-dir", str(big), "--method", m, "--out", str(tmp / f"m_{m}"),
                                      *common])
-                mem_rows.append((f"{m}, synthetic MIntRec-size (2,224 utt., video 20-225 x 256, "
-                                 f"audio 60-477 x 768), all modalities", rss, sec))
+                mem_rows.append((f"{m}, {where}, features in memory (float16)", rss, sec))
+            store = tmp / "mintrec_size_store"
+            rss, sec = peak_rss(["data", "convert", "--data-dir", str(big), "--out", str(store), "--no-progress"])
+            mem_rows.append(("`amess data convert` of that dataset (one pickle at a time)", rss, sec))
+            for m in [m for m in methods if m not in VARIANTS]:
+                rss, sec = peak_rss(["train", "--data-dir", str(big), "--method", m, "--feature-store", str(store),
+                                     "--out", str(tmp / f"ms_{m}"), *common])
+                mem_rows.append((f"{m}, {where}, features from the store", rss, sec))
             lines += ["", "| peak memory: run (20 steps + evaluation, fresh process) | peak RSS MiB | wall s |",
                       "|---|---|---|"]
             lines += [f"| {n} | {r:.0f} | {s:.0f} |" for n, r, s in mem_rows]

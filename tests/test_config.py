@@ -25,3 +25,22 @@ def test_yaml_round_trip_and_unknown_keys(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({"train": {"learning_rate": 1}}))
     with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
         Config.load(tmp_path / "bad.yaml")
+
+
+def test_mmap_threshold_is_validated_and_applied(monkeypatch):
+    import sys
+
+    from amess.config import Config
+    from amess.train import set_mmap_threshold
+
+    with pytest.raises(ValueError, match="mmap_threshold_kb must be in 0..32768"):
+        Config().override({"train.mmap_threshold_kb": 65536})
+    assert set_mmap_threshold(None) is False
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own setting wins
+    assert set_mmap_threshold(1024) is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    if sys.platform.startswith("linux"):
+        import ctypes.util
+
+        if ctypes.util.find_library("c") == "libc.so.6":
+            assert set_mmap_threshold(1024) is True

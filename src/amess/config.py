@@ -95,8 +95,9 @@ class TrainConfig:
     """Maximum epochs (early stopping usually ends sooner)."""
     batch_size: int = 16
     """Per-process batch size."""
-    eval_batch_size: int = 64
-    """Batch size for evaluation."""
+    eval_batch_size: int = 32
+    """Batch size for evaluation (A-MESS attends over up to 480 audio frames per sample: larger
+    batches raise peak memory more than they speed anything up on a CPU)."""
     lr: float = 1e-4
     """Learning rate of the new layers (head, fusion)."""
     encoder_lr: float | None = 5e-5
@@ -117,6 +118,12 @@ class TrainConfig:
     """Stop after this many optimiser steps in total (smoke tests); None = no limit."""
     threads: int | None = None
     """torch intra-op threads; None = torch's default."""
+    mmap_threshold_kb: int | None = 1024
+    """glibc only: memory blocks of at least this size are mapped on their own and handed back
+    to the OS when freed. glibc's own threshold rises (up to 32 MiB) each time a large block
+    is freed, after which activation-sized blocks stay on the heap and a run's peak memory
+    piles up (a MIntRec-sized A-MESS run: 3.0 GB instead of 2.0 GB, BENCHMARKS.md). None =
+    leave the allocator alone; MALLOC_MMAP_THRESHOLD_ in the environment always wins."""
     plots: bool = True
     """Write the training-curve and confusion-matrix PNGs into each seed folder."""
     progress: bool = True
@@ -127,6 +134,9 @@ class TrainConfig:
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if self.mmap_threshold_kb is not None and not 0 <= self.mmap_threshold_kb <= 32768:
+            raise ValueError(f"train.mmap_threshold_kb must be in 0..32768 (glibc's limit is 32 MiB) or null, "
+                             f"got {self.mmap_threshold_kb}")
 
 
 ANCHOR_MODES = ("topk", "learned", "all", "none")

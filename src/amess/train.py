@@ -14,9 +14,12 @@ The loop knows nothing about a method beyond `model(batch)`, `model.loss(out, ba
 from __future__ import annotations
 
 import csv
+import ctypes
 import json
 import logging
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +36,8 @@ from amess.losses import outlier_exposure
 from amess.metrics import classification_metrics, mean_std
 
 log = logging.getLogger(__name__)
+_M_MMAP_THRESHOLD = -3
+"""mallopt parameter number of M_MMAP_THRESHOLD in glibc's malloc.h."""
 
 HOLDOUT_KEY = "train_holdout"
 
@@ -400,12 +405,25 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator: Collator, a
     return model, FitResult(history, best_epoch, step, time.perf_counter() - t_start, n_seen)
 
 
+def set_mmap_threshold(kb: int | None) -> bool:
+    """Fix glibc's mmap threshold at `kb` KiB (`TrainConfig.mmap_threshold_kb`); True if set.
+    A no-op off glibc, for None, or when MALLOC_MMAP_THRESHOLD_ is in the environment."""
+    if kb is None or os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(kb) * 1024))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def setup_seed(cfg: Config, seed: int):
     """Data, descriptions, model and collator for one seed (seeded)."""
     from accelerate.utils import set_seed
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    set_mmap_threshold(cfg.train.mmap_threshold_kb)
     set_seed(seed)
     data = prepare_data(cfg, seed)
     descriptions = load_descriptions_for(cfg, data.reader, data.label_names)
