@@ -29,3 +29,24 @@ def test_training_from_an_incomplete_store_is_refused(tmp_path, synth_dir, tiny_
                "--feature-store", str(tmp_path / "empty_store"), "--out", str(tmp_path / "r"), "--no-progress"])
     assert rc == 2
     assert "amess data convert" in caplog.text
+
+
+def test_feature_store_auto_converts_once_and_matches_pickles(tmp_path, synth_dir, tiny_encoder_dir, caplog):
+    import logging
+    import shutil
+
+    caplog.set_level(logging.INFO, logger="amess")
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    common = ["train", "--data-dir", str(data), "--method", "amess", "--text-encoder", str(tiny_encoder_dir),
+              "--epochs", "1", "--max-steps", "2", "--no-progress", "--set", "train.plots=false",
+              "--set", "amess.ss_loss=none"]
+    assert main(common + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(common + ["--out", str(tmp_path / "auto1"), "--feature-store", "auto"]) == 0
+    store = data / "amess_feature_store"
+    assert (store / "manifest.json").is_file() and "converted audio features" in caplog.text
+    caplog.clear()
+    assert main(common + ["--out", str(tmp_path / "auto2"), "--feature-store", "auto"]) == 0
+    assert "converted" not in caplog.text  # unchanged pickles: the store is reused as it is
+    preds = [(tmp_path / d / "seed_0" / "predictions.csv").read_text() for d in ("mem", "auto1", "auto2")]
+    assert preds[0] == preds[1] == preds[2]

@@ -69,23 +69,16 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     """One pickle at a time into a memory-mapped store (resumable, checksummed)."""
     from amess.config import Config
-    from amess.data import DataError, get_reader
-    from amess.data.store import convert_pickle, verify_store
+    from amess.data import get_reader
+    from amess.data.store import verify_store
 
     cfg = Config().override(_data_overrides(args))
     reader = get_reader(cfg.data)
-    done = 0
-    for modality in ("video", "audio"):
-        if modality not in cfg.data.modalities:
-            continue
-        path = reader.feature_path(modality)
-        if path is None:
-            raise DataError(f"{reader.data_dir}: no {modality} feature file found "
-                            f"(tried {list(getattr(reader.spec, modality + '_files'))})")
-        info = convert_pickle(path, Path(args.out), modality, dtype=args.dtype, progress=not args.no_progress)
+    converted = reader.convert_features(Path(args.out), dtype=args.dtype, progress=not args.no_progress)
+    for modality, path, info in converted:
         state = "up to date, skipped" if info.get("skipped") else "written"
         print(f"{modality}: {path} -> {args.out} ({state})")
-        done += 1
+    done = len(converted)
     problems = verify_store(args.out)
     for p in problems:
         print(f"problem: {p}")
@@ -203,7 +196,9 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--ood-detector", nargs="+", default=None,
                    help="out-of-scope detectors to evaluate: msp maxlogit energy mahalanobis doc desc_sim")
     t.add_argument("--outlier-exposure", action="store_true", help="train on the out-of-scope training rows too")
-    t.add_argument("--feature-store", default=None, help="read features from a store made by `amess data convert`")
+    t.add_argument("--feature-store", default=None,
+                   help="read features from a store made by `amess data convert`; `auto` converts the pickles into "
+                        "DATA_DIR/amess_feature_store on first use (keeps features out of memory)")
     t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--out", required=True, help="run folder")

@@ -50,7 +50,8 @@ class DataConfig:
     feature_store: str | None = None
     """Folder made by `amess data convert` (memory-mapped features); when set, video and audio are read
     from it instead of the pickles. A relative path is taken from the working directory if it exists
-    there, else from data_dir."""
+    there, else from data_dir. `auto`: convert the pickles into data_dir/amess_feature_store on first
+    use (skipped while the pickles are unchanged) and read from there: features never sit in memory."""
     holdout_labels: list[str] = field(default_factory=list)
     """Intents removed from train and dev and scored at test time from their descriptions alone
     (generalised zero-shot)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,11 @@ from amess.data.batch import Sample
 from amess.data.features import FeatureSource
 
 log = logging.getLogger(__name__)
+
+AUTO_STORE = "auto"
+"""`feature_store: auto`: convert the feature pickles into a store in the data folder on first
+use (and whenever a pickle changes), then read features from it instead of holding them in memory."""
+AUTO_STORE_DIR = "amess_feature_store"
 
 
 class DataError(ValueError):
@@ -151,6 +157,8 @@ class DatasetReader:
         loader = feature_loader or InMemoryFeatures
         out = {s: SplitData(name=s, samples=self.read_rows(s), source=str(self.split_file(s))) for s in splits}
         all_ids = [smp.id for sd in out.values() for smp in sd.samples]
+        if self.cfg.feature_store == AUTO_STORE and {"video", "audio"} & set(self.cfg.modalities):
+            self._auto_store()
         for modality in ("video", "audio"):
             if modality not in self.cfg.modalities:
                 continue
@@ -166,12 +174,50 @@ class DatasetReader:
                 setattr(sd, modality, source)
         return out
 
-    def _open_store(self, modality: str) -> FeatureSource:
-        from amess.data.store import open_store
-
+    def store_dir(self) -> Path:
+        """The feature store `cfg.feature_store` names (`auto`: AUTO_STORE_DIR in data_dir)."""
+        if self.cfg.feature_store == AUTO_STORE:
+            return self.data_dir / AUTO_STORE_DIR
         store = Path(self.cfg.feature_store)
         if not store.is_absolute() and not store.exists():
             store = self.data_dir / store
+        return store
+
+    def convert_features(self, store_dir: Path, *, dtype: str = "float16", progress: bool = True
+                         ) -> list[tuple[str, Path, dict]]:
+        """`amess data convert`: each configured modality's pickle into the store `store_dir`
+        (a modality already converted from the same file is skipped). Returns
+        (modality, source, info) per modality."""
+        from amess.data.store import convert_pickle
+
+        done = []
+        for modality in ("video", "audio"):
+            if modality not in self.cfg.modalities:
+                continue
+            path = self.feature_path(modality)
+            if path is None:
+                raise DataError(f"{self.data_dir}: no {modality} feature file found "
+                                f"(tried {list(getattr(self.spec, modality + '_files'))})")
+            done.append((modality, path, convert_pickle(path, store_dir, modality, dtype=dtype, progress=progress)))
+        return done
+
+    def _auto_store(self) -> None:
+        """`feature_store: auto`: convert the pickles into data_dir/AUTO_STORE_DIR on first use."""
+        store = self.store_dir()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return  # several processes must not write one store: they read what `amess data convert` made
+        try:
+            for modality, path, info in self.convert_features(store, progress=False):
+                if not info.get("skipped"):
+                    log.info("converted %s features %s into the store %s", modality, path, store)
+        except OSError as e:
+            raise DataError(f"{store}: cannot write the feature store ({e}); convert elsewhere with "
+                            f"`amess data convert --data-dir {self.data_dir} --out DIR` and pass --feature-store DIR") from e
+
+    def _open_store(self, modality: str) -> FeatureSource:
+        from amess.data.store import open_store
+
+        store = self.store_dir()
         log.info("reading %s features from the store %s", modality, store)
         return open_store(store, modality, max_len=self.max_len(modality))
 
