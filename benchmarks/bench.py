@@ -41,9 +41,7 @@ SETTINGS: list[str] = []
 
 
 def _cfg(data_dir: Path, name: str, modalities: list[str], batch: int, extra: dict | None = None):
-    from amess.config import Config
-
-    from amess.config import parse_overrides
+    from amess.config import Config, parse_overrides
 
     method, variant = VARIANTS.get(name, (name, {}))
     extra = {**parse_overrides(SETTINGS), **variant, **(extra or {})}

@@ -26,9 +26,9 @@ A pickle cannot be read partially: `convert_pickle` loads one source file whole 
 the restricted unpickler (`amess.data.safe_pickle.load_compact`), which casts every float
 array to the store's dtype as it is read, so its peak memory is about that one pickle's
 contents at the store's precision (float16: half the float32 file, roughly 0.5 GB for
-MIntRec2.0's video and 3.5 GB for its audio, never both at once). It then pops the samples from the loaded dict
-one by one, writing each to the .bin through a buffered file and dropping it, so memory
-falls during the pass. Nothing ever builds one big array. Training afterwards needs only
+MIntRec2.0's video and 3.5 GB for its audio, never both at once). It then pops the samples
+from the loaded dict one by one, writing each to the .bin through a buffered file and
+dropping it, so memory falls during the pass. Nothing ever builds one big array. Training afterwards needs only
 the index and the pages of the current batch.
 
 Interruptions and resuming
@@ -506,10 +506,10 @@ def convert_pickle(
 ) -> dict:
     """Convert one feature pickle (dict sample_id -> `(T, d)` features) into the store.
 
-    Memory: the pickle is loaded whole through `safe_load` (pickles cannot be read in
+    Memory: the pickle is loaded whole through `load_compact` (pickles cannot be read in
     parts), its float arrays cast to `dtype` as they are read, so peak memory is about this
-    one file's contents at the store's precision (half the float32 file); samples are then popped
-    from the dict and written one by one, so memory falls during the pass. Convert one
+    one file's contents at the store's precision (float16: half the float32 file); samples
+    are then popped from the dict and written one by one, so memory falls during the pass. Convert one
     modality per call.
 
     The source's size, mtime and sha256 are checked first: if the store already holds a
