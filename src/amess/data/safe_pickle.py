@@ -53,10 +53,10 @@ def _check_global(path: str, module: str, name: str) -> None:
     )
 
 
-class _Restricted(pickle.Unpickler):
-    def __init__(self, f, path: str):
-        super().__init__(f)
-        self._path = path
+class _Checks:
+    """The restrictions, mixed into both unpicklers (pickle's C one and its Python one)."""
+
+    _path: str
 
     def find_class(self, module: str, name: str) -> Any:
         _check_global(self._path, module, name)
@@ -68,7 +68,13 @@ class _Restricted(pickle.Unpickler):
         raise UnsafePickleError(f"{self._path}: persistent ids are not allowed in a feature pickle")
 
 
-class _RestrictedCompact(pickle._Unpickler):
+class _Restricted(_Checks, pickle.Unpickler):
+    def __init__(self, f, path: str):
+        super().__init__(f)
+        self._path = path
+
+
+class _RestrictedCompact(_Checks, pickle._Unpickler):
     """The same restrictions, in pickle's Python unpickler, which lets each float array be
     stored compactly the moment it is rebuilt: peak memory is then about the compact data
     plus one array, not the whole file at float32 (MIntRec audio is ~2 GB as stored)."""
@@ -80,14 +86,6 @@ class _RestrictedCompact(pickle._Unpickler):
         self._path = path
         self._dtype = np.dtype(dtype)
         self._memo_key: dict[int, int] = {}
-
-    def find_class(self, module: str, name: str) -> Any:
-        _check_global(self._path, module, name)
-        if module == "torch.storage" and name == "_load_from_bytes":
-            return _torch_storage_from_bytes
-        return super().find_class(module, name)
-
-    persistent_load = _Restricted.persistent_load
 
     def _load_memoize(self) -> None:
         # remember where each array sits in the memo, so that the full-precision copy can be
