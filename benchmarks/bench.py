@@ -55,11 +55,14 @@ class Bench:
     """Holds one method's model, loaders and optimiser so that methods can be alternated."""
 
     def __init__(self, cfg):
-        from amess.train import make_accelerator, make_loader, make_optimizer, prepare_model, setup_seed
+        from amess.training.data import make_loader
+        from amess.training.distributed import make_accelerator, prepare_model
+        from amess.training.loop import make_optimizer
+        from amess.training.runner import setup_seed
 
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
-        self.data, model, self.collator = setup_seed(cfg, 0)
+        self.data, model, self.collator, _ = setup_seed(cfg, 0)
         opt, sched = make_optimizer(cfg, model, 10_000)
         loader = make_loader(self.data.train, cfg, self.collator, shuffle=True, seed=0, batch_size=cfg.train.batch_size)
         self.model = prepare_model(model, self.acc)
@@ -77,7 +80,7 @@ class Bench:
 
     def train(self, steps: int) -> float:
         """Samples/s over `steps` whole steps (batch assembly included)."""
-        from amess.train import train_step
+        from amess.training.loop import train_step
 
         self.model.train()
         n, t = 0, time.perf_counter()
@@ -168,13 +171,16 @@ def mintrec2_scale(tmp: Path, threads: int, steps: int, methods: list[str], work
     code = (
         "import json, resource, sys, time, torch\n"
         "from amess.config import Config\n"
-        "from amess.train import make_accelerator, make_loader, make_optimizer, prepare_model, setup_seed, train_step\n"
+        "from amess.training.data import make_loader\n"
+        "from amess.training.distributed import make_accelerator, prepare_model\n"
+        "from amess.training.loop import make_optimizer, train_step\n"
+        "from amess.training.runner import setup_seed\n"
         "root, store, method, steps, threads, workers = sys.argv[1:7]\n"
         "torch.set_num_threads(int(threads))\n"
         "cfg = Config().override({'data.dataset': 'mintrec2', 'data.data_dir': root, 'data.feature_store': store,"
         " 'model.method': method, 'data.num_workers': int(workers), 'train.progress': False,"
         " 'amess.desc_encoder': 'frozen'})\n"
-        "acc = make_accelerator(cfg); data, model, col = setup_seed(cfg, 0)\n"
+        "acc = make_accelerator(cfg); data, model, col, _ = setup_seed(cfg, 0)\n"
         "opt, sched = make_optimizer(cfg, model, 10000)\n"
         "loader = make_loader(data.train, cfg, col, shuffle=True, seed=0, batch_size=16)\n"
         "model = prepare_model(model, acc); opt, sched = acc.prepare(opt, sched)\n"

@@ -9,15 +9,19 @@ import torch
 import torch.distributed as dist
 
 from amess.config import Config
-from amess.train import fit, make_accelerator, setup_seed
+from amess.training.distributed import make_accelerator
+from amess.training.loop import fit
+from amess.training.runner import setup_seed
 
 data_dir, enc, report, method = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
 cfg = Config().override({"data.data_dir": data_dir, "model.text_encoder": enc, "model.method": method,
                          "train.epochs": 1, "train.max_steps": 3, "train.batch_size": 4, "train.progress": False})
 acc = make_accelerator(cfg)
-data, model, collator = setup_seed(cfg, 0)
+data, model, collator, _ = setup_seed(cfg, 0)
 init = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
-model, fr = fit(cfg, 0, model, data, collator, acc, report.parent / "ckpt.pt")
+seed_dir = report.parent / f"seed_rank{acc.process_index}"
+seed_dir.mkdir(exist_ok=True)
+model, fr = fit(cfg, 0, model, data, collator, acc, seed_dir)
 final = torch.cat([p.detach().flatten() for p in acc.unwrap_model(model).parameters()])
 gathered = [torch.zeros_like(final) for _ in range(dist.get_world_size())]
 dist.all_gather(gathered, final)

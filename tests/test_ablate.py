@@ -7,7 +7,7 @@ import csv
 
 import pytest
 
-from amess import ablate, train
+from amess import ablate, training as train
 from amess.config import Config
 
 ROWS = ["A-MESS (default)", "topk k=1", "text baseline"]

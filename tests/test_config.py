@@ -31,7 +31,7 @@ def test_mmap_threshold_is_validated_and_applied(monkeypatch):
     import sys
 
     from amess.config import Config
-    from amess.train import set_mmap_threshold
+    from amess.training.memory import set_mmap_threshold
 
     with pytest.raises(ValueError, match="mmap_threshold_kb must be in 0..32768"):
         Config().override({"train.mmap_threshold_kb": 65536})

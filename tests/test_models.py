@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, BertTokenizer
 
-from amess.config import AmessConfig, Config, ModelConfig
+from amess.config import Config, ModelConfig
+from amess.models.amess import AmessSettings as AmessConfig
 from amess.data.batch import Batch
 from amess.losses import description_ce, margin_triplet, symmetric_infonce, triplet_contrastive
 from amess.models import METHODS, build_model
@@ -36,7 +37,7 @@ def tiny_encoder(seed: int = 0) -> TextEncoder:
 
 
 def make_config(**amess) -> Config:
-    return Config(model=ModelConfig(dropout=0.0), amess=AmessConfig(**amess))
+    return Config(model=ModelConfig(dropout=0.0), methods={"amess": AmessConfig(**amess)})
 
 
 def make_model(method: str = "amess", *, video: bool = True, audio: bool = True, descriptions=True,
@@ -184,7 +185,7 @@ def test_padding_does_not_change_a_row(mode):
     # Masks, not padding width, decide the result (mean pooling reads the lengthened mask).
     encoder = tiny_encoder()
     torch.manual_seed(1)
-    cfg = Config(model=ModelConfig(dropout=0.0, pooling="mean"), amess=AmessConfig(anchor_mode=mode))
+    cfg = Config(model=ModelConfig(dropout=0.0, pooling="mean"), methods={"amess": AmessConfig(anchor_mode=mode)})
     model = build_model("amess", config=cfg, encoder=encoder, num_labels=C, video_dim=DV, audio_dim=DA,
                         label_names=LABELS, descriptions=DESCRIPTIONS).eval()
     batch = make_batch(lengths=(10, 5), labels=[0, 1], video_lengths=[7, 3], audio_lengths=[9, 4])

@@ -2,7 +2,7 @@
 
 "What must be measured, not assumed": every A-MESS switch has a row in `ABLATIONS`, a
 name and the dotted overrides that turn the default into that row. `run_ablation` trains
-each selected row with `amess.train.run` into `out_dir/<slug>/` and writes
+each selected row with `amess.training.run` into `out_dir/<slug>/` and writes
 
 - `ablation.md`: mean ± std over seeds per metric (%), the number of seeds, and the change
   of acc and f1_macro against the `A-MESS (default)` row, in percentage points;
@@ -15,7 +15,7 @@ differences. Otherwise it is the difference of the two means alone.
 
 Ablations are long, so a row whose folder already holds a `summary.json` written under the
 same resolved configuration is reused, not retrained. Settings that cannot change a result
-(`RESULT_NEUTRAL`: progress bars, threads, loader workers, plots) are left out of that
+(`amess.training.runner.RESULT_NEUTRAL`: progress bars, threads, loader workers, plots) are left out of that
 comparison.
 """
 
@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from amess import train as _train
+from amess import training as _train
+from amess.training.runner import comparable, holds_other_run
 from amess.config import Config, flag_overrides, parse_overrides
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ROW = "A-MESS (default)"
 GROUPS = ("base", "anchors", "k", "ss", "view", "desc", "modality", "baseline")
 DELTA_KEYS = ("acc", "f1_macro")
-RESULT_NEUTRAL = (("train", "progress"), ("train", "threads"), ("data", "num_workers"), ("train", "plots"))
-"""Config entries ignored when deciding whether a finished row can be reused."""
 
 
 @dataclass(frozen=True)
@@ -111,10 +110,7 @@ def resolve(base_cfg: Config, row: Ablation) -> Config:
 
 
 def _comparable(cfg: Config) -> dict[str, Any]:
-    d = cfg.to_dict()
-    for section, key in RESULT_NEUTRAL:
-        d[section].pop(key, None)
-    return d
+    return comparable(cfg, seeds=True)
 
 
 def _finished(run_dir: Path, cfg: Config) -> dict | None:
@@ -175,7 +171,7 @@ def run_ablation(base_cfg: Config, out_dir: str | Path, rows: str | Sequence[str
         else:
             log.info("ablation %d/%d %r: training into %s%s", i, len(selected), a.name, run_dir,
                      " (replacing a run with another config or seeds)" if (run_dir / "summary.json").is_file() else "")
-            summary = _train.run(cfg, run_dir)
+            summary = _train.run(cfg, run_dir, overwrite=holds_other_run(run_dir, cfg))
         summaries[a.name] = summary
     # rows finished by earlier calls (`--rows anchors`, then `--rows ss`) join the table
     for a in ABLATIONS:
@@ -230,7 +226,7 @@ def delta(row: dict, base: dict, split: str, key: str, row_dir: Path | None = No
 def ablation_markdown(summaries: dict[str, dict], split: str, out_dir: str | Path | None = None,
                       keys: tuple[str, ...] = ("acc", "f1_macro", "precision_macro", "recall_macro",
                                                "f1_weighted")) -> str:
-    """`amess.train.format_table` with three more columns: seeds, Δ acc and Δ f1_macro
+    """`amess.training.format_table` with three more columns: seeds, Δ acc and Δ f1_macro
     against the default row (`–` when the default row is not in `summaries`)."""
     table = _train.format_table(summaries, split, keys).split("\n")
     base = summaries.get(DEFAULT_ROW)

@@ -3,8 +3,10 @@
     amess data synth --out DIR [--dataset mintrec|mintrec2] [--seed S] [--size N]
     amess data check --dataset mintrec|mintrec2|custom --data-dir DIR [--modalities ...]
     amess data convert --dataset D --data-dir DIR --out STORE
-    amess train --dataset D --data-dir DIR --method text|amess --out RUN_DIR [...]
+    amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [...]
     amess evaluate RUN_DIR [--split test]
+    amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy]
+    amess methods [show NAME]
     amess ablate --dataset D --data-dir DIR --seeds 0 1 2 --out DIR
     amess demo [--out demo_runs]
     amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
@@ -118,21 +120,136 @@ def build_train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from amess.train import format_table, run
+    from amess.training import format_ood_table, format_table, run
 
     cfg = build_train_config(args)
-    summary = run(cfg, args.out)
+    summary = run(cfg, args.out, overwrite=args.overwrite)
     report = [s for s in cfg.data.test_splits if s in summary] or [k for k in summary if k != "seeds"][:1]
     for split in report:
         print(f"\n{cfg.model.method} on {cfg.data.dataset} {split} ({len(cfg.train.seeds)} seed(s), mean ± std, %)")
         print(format_table({cfg.model.method: summary}, split))
+        ood = format_ood_table(summary, split)
+        if ood:
+            print(f"\nout-of-scope detection on {split} (thresholds tuned on {cfg.data.dev_split}, mean ± std, %)")
+            print(ood)
     print(f"\nrun folder: {args.out}")
     return 0
 
 
+def cmd_methods(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from amess.config import field_docs
+    from amess.models import METHODS, method_class
+
+    if args.action == "show":
+        if not args.name:
+            raise ValueError("amess methods show NAME: name a method; `amess methods` lists them")
+        cls = method_class(args.name)
+        print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
+        print(f"  reads: {', '.join(cls.reads)}   requires: {', '.join(cls.requires)}"
+              + (f"   encoder parts: {', '.join(cls.encoder_parts)}" if cls.encoder_parts else "")
+              + ("   label descriptions: yes" if cls.uses_descriptions else ""))
+        print(f"  defined in: {cls.__module__}")
+        if cls.Settings is None:
+            print("  settings: none")
+            return 0
+        docs = field_docs(cls.Settings)
+        print(f"  settings (--set {args.name}.KEY=VALUE):")
+        for f in dataclasses.fields(cls.Settings):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"    {f.name} = {default!r}\n        {docs.get(f.name, '')}")
+        return 0
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        n = len(dataclasses.fields(cls.Settings)) if cls.Settings is not None else 0
+        print(f"{name:10s} reads {','.join(cls.reads):17s} {n:2d} settings  {doc}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+    import json
+
+    import numpy as np
+
+    from amess.predictor import load_run
+
+    p = load_run(args.run_dir, seed=args.seed)
+    if bool(args.text) == bool(args.tsv):
+        raise ValueError("amess predict: give --text \"...\" (one or more) or --tsv FILE")
+    if args.tsv:
+        texts, ids = _read_predict_tsv(Path(args.tsv))
+    else:
+        texts, ids = list(args.text), [str(i) for i in range(len(args.text))]
+    feats = {}
+    for name in ("video", "audio"):
+        path = getattr(args, name)
+        if path is None:
+            continue
+        if len(texts) != 1:
+            raise ValueError(f"--{name} FILE.npy gives the features of one utterance; give one --text with it")
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a readable .npy array of {name} features ({e})") from None
+        feats[name] = [arr]
+    preds = p.predict(texts, **feats)
+    if args.json:
+        print(json.dumps([dict(id=i, **r.to_dict(args.top)) for i, r in zip(ids, preds)], indent=2))
+        return 0
+    if args.tsv and args.out:
+        with open(args.out, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["id", "text", "intent", "probability"] + [f"oos_{d}" for d in p.detectors])
+            for i, r in zip(ids, preds):
+                w.writerow([i, r.text, r.label, f"{r.ranked[0][1]:.5f}"] + [int(v) for v in r.ood.values()])
+        print(f"wrote {len(preds)} predictions to {args.out}")
+        return 0
+    for i, r in zip(ids, preds):
+        print(f"{i}: {r.text}")
+        for name, prob in r.ranked[: args.top]:
+            print(f"    {prob:7.2%}  {name}")
+        if r.anchors:
+            print(f"    anchor words: {' '.join(r.anchors)}")
+        for det, oos in r.ood.items():
+            thr = p.detectors[det].threshold
+            print(f"    out-of-scope ({det}): {'yes' if oos else 'no'} (score {r.ood_scores[det]:.4f}, threshold {thr:.4f})")
+    return 0
+
+
+def _read_predict_tsv(path: Path) -> tuple[list[str], list[str]]:
+    """Rows of a TSV with a `text` column (and optionally an `id` column), any other columns ignored."""
+    import csv
+
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not rows:
+        raise ValueError(f"{path}: empty; expected a header with a `text` column")
+    header = [h.strip().lower() for h in rows[0]]
+    if "text" not in header:
+        raise ValueError(f"{path}: line 1: expected a header with a `text` column, got {rows[0]}")
+    t, k = header.index("text"), header.index("id") if "id" in header else None
+    texts, ids = [], []
+    for n, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{path}: line {n}: {len(row)} fields, expected {len(header)} as in the header")
+        texts.append(row[t])
+        ids.append(row[k] if k is not None else str(n - 1))
+    if not texts:
+        raise ValueError(f"{path}: no rows under the header")
+    return texts, ids
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from amess.evaluate import evaluate_run
-    from amess.train import format_table
+    from amess.training import format_table
 
     summary = evaluate_run(Path(args.run_dir), args.split)
     print(f"\n{args.run_dir} on {args.split} (mean ± std over seeds, %)")
@@ -201,13 +318,31 @@ def make_parser() -> argparse.ArgumentParser:
                         "DATA_DIR/amess_feature_store on first use (keeps features out of memory)")
     t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
+    t.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a run folder's checkpoints on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test")
     e.set_defaults(func=cmd_evaluate)
+
+    pr = sub.add_parser("predict", help="ranked intents (and out-of-scope verdicts) from a trained run")
+    pr.add_argument("run_dir", help="a run folder (its first seed) or a seed folder")
+    pr.add_argument("--text", nargs="+", default=None, help="one or more utterances")
+    pr.add_argument("--tsv", default=None, help="a TSV with a `text` column (and optionally `id`)")
+    pr.add_argument("--video", default=None, help="video features of the one utterance, a (frames, d) .npy file")
+    pr.add_argument("--audio", default=None, help="audio features of the one utterance, a (frames, d) .npy file")
+    pr.add_argument("--seed", type=int, default=None, help="which seed's model (default: the first)")
+    pr.add_argument("--top", type=int, default=5, help="intents shown per utterance")
+    pr.add_argument("--json", action="store_true", help="print JSON")
+    pr.add_argument("--out", default=None, help="with --tsv: write a CSV here instead of printing")
+    pr.set_defaults(func=cmd_predict)
+
+    ms = sub.add_parser("methods", help="list the methods, or show one's settings")
+    ms.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    ms.add_argument("name", nargs="?", default=None)
+    ms.set_defaults(func=cmd_methods)
 
     d = sub.add_parser("demo", help="synthetic data, train text and amess, print the results table")
     d.add_argument("--out", default="demo_runs")
@@ -234,11 +369,16 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        log.error("interrupted; every file written so far is complete. Rerun the same command to resume.")
+        return 130
     except (ValueError, FileNotFoundError, RuntimeError, UnpicklingError) as e:
         from amess.data import DataError
+        from amess.training import RunFolderError, TrainingError
 
-        # a refused or unreadable feature file is bad input, named in the message: no traceback
-        if isinstance(e, (DataError, FileNotFoundError, UnpicklingError)) or not args.verbose:
+        # a refused or unreadable file is bad input, named in the message: no traceback
+        if isinstance(e, (DataError, FileNotFoundError, UnpicklingError, TrainingError, RunFolderError)) \
+                or not args.verbose:
             log.error("%s", e)
             return 2
         raise

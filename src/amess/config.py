@@ -70,6 +70,17 @@ class DataConfig:
             raise ValueError("modalities must include `text` (every method reads the utterance)")
         if self.task not in ("intent", "binary"):
             raise ValueError(f"task must be `intent` or `binary`, got {self.task!r}")
+        if ":" in self.dev_split:
+            split, frac = self.dev_split.split(":", 1)
+            try:
+                f = float(frac)
+            except ValueError:
+                f = float("nan")
+            if split != self.train_split or not 0 < f < 1:
+                raise ValueError(f"data.dev_split {self.dev_split!r}: expected a split name, or "
+                                 f"{self.train_split}:FRACTION with 0 < FRACTION < 1 (e.g. {self.train_split}:0.1)")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
 @dataclass
@@ -133,89 +144,31 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        from amess.metrics import CLASSIFICATION_KEYS
+
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"train.seeds has duplicates: {self.seeds}")
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "eval_batch_size": self.eval_batch_size,
+                    "patience": self.patience, "max_steps": self.max_steps, "threads": self.threads}
+        for name, v in positive.items():
+            if v is not None and v < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {v}")
+        for name, v in {"lr": self.lr, "encoder_lr": self.encoder_lr}.items():
+            if v is not None and not (v > 0 and v < float("inf")):
+                raise ValueError(f"train.{name} must be a positive number, got {v}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"train.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ValueError(f"train.weight_decay and train.grad_clip must be >= 0, got "
+                             f"{self.weight_decay} and {self.grad_clip}")
+        if self.monitor not in CLASSIFICATION_KEYS:
+            raise ValueError(f"train.monitor {self.monitor!r} is not a dev metric; choose one of "
+                             f"{list(CLASSIFICATION_KEYS)}")
         if self.mmap_threshold_kb is not None and not 0 <= self.mmap_threshold_kb <= 32768:
             raise ValueError(f"train.mmap_threshold_kb must be in 0..32768 (glibc's limit is 32 MiB) or null, "
                              f"got {self.mmap_threshold_kb}")
-
-
-ANCHOR_MODES = ("topk", "learned", "all", "none")
-SS_LOSSES = ("none", "triplet", "margin")
-DESC_ENCODERS = ("shared", "frozen")
-INFERENCE_MODES = ("head", "similarity", "both")
-
-
-@dataclass
-class AmessConfig:
-    """A-MESS switches (docs/amess-method.md). Read only by `--method amess`."""
-
-    anchor_mode: str = "topk"
-    """A-ME anchors: `topk` (text tokens most relevant to the non-verbal streams), `learned`
-    (k learned vectors inserted after [CLS]), `all` (every word token: dense fusion) or
-    `none` (no fusion: the ablation row)."""
-    num_anchors: int = 4
-    """k, the number of anchors for `topk` and `learned`."""
-    fusion_heads: int = 4
-    """Attention heads of the anchor cross-attention and of the non-verbal layer; must divide
-    the encoder's embedding size."""
-    nonverbal_layer: bool = True
-    """Run one light Transformer layer over each projected non-verbal stream."""
-    ss_loss: str = "triplet"
-    """SS loss: `triplet` (z_m and z_t against descriptions, plus z_m-z_t InfoNCE), `margin`
-    (z_m, gold description, hardest negative description) or `none`."""
-    ss_lambda: float = 0.5
-    """Weight of the SS loss: L = CE + ss_lambda * L_SS."""
-    tau: float = 0.1
-    """Temperature of the SS similarities (initial value when `learn_tau`)."""
-    learn_tau: bool = True
-    """Learn the logit scale 1/tau (CLIP style, clamped to [1, 100]) with the triplet loss; False,
-    or the margin loss (raw cosines, no temperature), keeps `tau` fixed."""
-    proj_dim: int = 128
-    """p, the size of the shared semantic space."""
-    text_view: bool = True
-    """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
-    desc_encoder: str = "shared"
-    """Description encoder: `shared` (the trained text encoder, re-encoded every step) or
-    `frozen` (the pretrained encoder, encoded once at construction and cached)."""
-    desc_max_len: int = 64
-    """Max tokens of a label description, special tokens included."""
-    inference: str = "head"
-    """Scores at evaluation: `head` (classifier softmax), `similarity` (softmax over the scaled
-    cosine similarities to the descriptions) or `both` (the average of the two)."""
-    margin: float = 0.2
-    """Cosine margin of the `margin` SS loss."""
-    gate_init: float = -2.0
-    """Initial bias of the fusion gate: sigmoid(-2) = 0.12, so training starts near the text model."""
-
-    def __post_init__(self) -> None:
-        choices = {"anchor_mode": ANCHOR_MODES, "ss_loss": SS_LOSSES, "desc_encoder": DESC_ENCODERS,
-                   "inference": INFERENCE_MODES}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"amess.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        if self.anchor_mode in ("topk", "learned") and self.num_anchors < 1:
-            raise ValueError(f"amess.num_anchors must be >= 1 with anchor_mode {self.anchor_mode!r}, "
-                             f"got {self.num_anchors}")
-        if self.fusion_heads < 1:
-            raise ValueError(f"amess.fusion_heads must be >= 1, got {self.fusion_heads}")
-        if self.ss_lambda < 0:
-            raise ValueError(f"amess.ss_lambda must be >= 0, got {self.ss_lambda}")
-        if not self.tau > 0:
-            raise ValueError(f"amess.tau must be > 0, got {self.tau}")
-        if self.learn_tau and not 0.01 <= self.tau <= 1.0:
-            raise ValueError(f"amess.tau must lie in [0.01, 1] with learn_tau (the scale 1/tau is "
-                             f"clamped to [1, 100]), got {self.tau}")
-        if self.proj_dim < 1:
-            raise ValueError(f"amess.proj_dim must be >= 1, got {self.proj_dim}")
-        if self.desc_max_len < 3:
-            raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
-        if self.ss_loss == "margin" and not 0 < self.margin <= 2:
-            raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
-        if self.inference != "head" and self.ss_loss == "none":
-            raise ValueError(f"amess.inference={self.inference!r} scores by similarity to the label "
-                             "descriptions, a space that amess.ss_loss=none never trains; use "
-                             "inference=head or an SS loss")
 
 
 @dataclass
@@ -243,75 +196,205 @@ class OODConfig:
 
 @dataclass
 class Config:
+    """The run's settings: four fixed sections and one section per method that has settings.
+
+    A method's settings dataclass is declared by the method itself (`IntentModel.Settings`,
+    see `amess.models.base`); its section is named after the method (`amess:` in YAML,
+    `--set amess.num_anchors=8`), and `cfg.<method>` returns it (`cfg.amess.tau`). Only the
+    active method's section and sections given explicitly are written out.
+    """
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    amess: AmessConfig = field(default_factory=AmessConfig)
     ood: OODConfig = field(default_factory=OODConfig)
+    methods: dict[str, Any] = field(default_factory=dict)
+    """Method name -> that method's settings dataclass instance."""
+
+    def __post_init__(self) -> None:
+        from amess.models import method_class
+
+        cls = method_class(self.model.method)  # unknown names list the known ones
+        if cls.Settings is not None and self.model.method not in self.methods:
+            self.methods = {**self.methods, self.model.method: cls.Settings()}
+        for name, settings in self.methods.items():
+            expected = method_class(name).Settings
+            if expected is None or not isinstance(settings, expected):
+                raise ValueError(f"config section {name!r}: expected {getattr(expected, '__name__', 'no settings')}, "
+                                 f"got {type(settings).__name__}")
+
+    def __getattr__(self, name: str) -> Any:
+        """`cfg.<method>`: that method's settings (its defaults when not given)."""
+        if name.startswith("_") or name in ("data", "model", "train", "ood", "methods"):
+            raise AttributeError(name)
+        return self.settings_for(name)
+
+    def settings_for(self, method: str) -> Any:
+        """The settings of `method` in this config (its defaults when not given)."""
+        from amess.models import method_class
+
+        if method in self.methods:
+            return self.methods[method]
+        cls = method_class(method).Settings
+        if cls is None:
+            raise AttributeError(f"method {method!r} has no settings")
+        return cls()
+
+    @property
+    def method_settings(self) -> Any:
+        """The active method's settings, or None for a method without settings."""
+        return self.methods.get(self.model.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = {f.name: dataclasses.asdict(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "methods"}
+        d.update({name: dataclasses.asdict(s) for name, s in self.methods.items()})
+        return d
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        from amess.training.artifacts import write_text
+
+        write_text(path, yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            section = d.get(f.name, {}) or {}
-            sub = f.default_factory()  # type: ignore[misc]
-            known = {g.name for g in dataclasses.fields(sub)}
-            unknown = set(section) - known
-            if unknown:
-                raise ValueError(f"config section {f.name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
-            hints = typing.get_type_hints(type(sub))
-            values = {k: _coerce(v, hints[k], f"{f.name}.{k}") for k, v in section.items()}
-            kwargs[f.name] = type(sub)(**{**dataclasses.asdict(sub), **values})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"config: unknown sections {sorted(unknown)}")
-        return cls(**kwargs)
+        from amess.models import METHODS
+
+        if not isinstance(d, dict):
+            raise ValueError(f"config: expected a mapping of sections, got {type(d).__name__}")
+        fixed = [f for f in dataclasses.fields(cls) if f.name != "methods"]
+        kwargs: dict[str, Any] = {}
+        for f in fixed:
+            kwargs[f.name] = _section(f.name, f.default_factory(), d.get(f.name))  # type: ignore[misc]
+        methods = {}
+        for name in set(d) - {f.name for f in fixed}:
+            if name not in METHODS:
+                raise ValueError(f"config: unknown section {name!r}; known: {[f.name for f in fixed]} and the "
+                                 f"settings of the methods {sorted(n for n, c in METHODS.items() if c.Settings)}")
+            if METHODS[name].Settings is None:
+                raise ValueError(f"config: method {name!r} has no settings, but the config has a section for it")
+            methods[name] = _section(name, METHODS[name].Settings(), d[name])
+        return cls(**kwargs, methods=methods)
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        return cls.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        try:
+            return cls.from_dict(raw or {})
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def override(self, dotted: dict[str, Any]) -> "Config":
-        """Return a new Config with `section.key=value` overrides applied (values YAML-parsed)."""
+        """Return a new Config with `section.key=value` overrides applied (values YAML-parsed).
+
+        A section may be any method with settings (`amess.tau=0.05`), active or not."""
+        from amess.models import METHODS
+
         d = self.to_dict()
         for key, value in dotted.items():
             if "." not in key:
                 raise ValueError(f"override {key!r}: expected section.key=value")
             section, name = key.split(".", 1)
+            if section not in d and section in METHODS and METHODS[section].Settings is not None:
+                d[section] = dataclasses.asdict(METHODS[section].Settings())
             if section not in d or name not in d[section]:
-                raise ValueError(f"override {key!r}: no such setting")
-            d[section][name] = yaml.safe_load(value) if isinstance(value, str) else value
+                known = sorted(d[section]) if section in d else sorted(d)
+                raise ValueError(f"override {key!r}: no such setting; known: {known}")
+            if isinstance(value, str):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ValueError(f"override {key}={value!r}: not a valid value") from None
+            d[section][name] = value
+        # the method may have changed: its settings section is added by __post_init__
         return Config.from_dict(d)
+
+
+def _section(name: str, default: Any, given: Any) -> Any:
+    """One section: the dataclass `default` with the `given` mapping's entries, type-checked."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise ValueError(f"config section {name!r}: expected a mapping of settings, got {given!r}")
+    known = {g.name for g in dataclasses.fields(default)}
+    unknown = set(given) - known
+    if unknown:
+        raise ValueError(f"config section {name!r}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+    hints = typing.get_type_hints(type(default))
+    values = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in given.items()}
+    return type(default)(**{**{g.name: getattr(default, g.name) for g in dataclasses.fields(default)}, **values})
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """`{field: docstring}` of a settings dataclass: the string literal under each field
+    (the litgpt convention this project follows; it becomes `amess methods show`)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
 
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Check a setting against its field type; numbers written as strings (YAML reads `1e-4`
-    as a string) become numbers, anything else of the wrong type is an error naming the key."""
+    as a string) become numbers, anything else of the wrong type is an error naming the key
+    (`epochs: true`, `epochs: 2.5`, `seeds: 5` are refused, not cast)."""
     args = typing.get_args(hint)
     optional = type(None) in args
     if value is None:
         if optional:
             return None
         raise ValueError(f"{key}: a value is required")
-    base = next((a for a in args if a is not type(None)), hint) if args and typing.get_origin(hint) is not list else hint
-    if base is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"{key}: expected a number, got {value!r}") from None
-    if base is int and isinstance(value, str):
-        try:
+    if typing.get_origin(hint) is list:
+        (item,) = args or (Any,)
+        if not isinstance(value, list):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if typing.get_origin(base) is list:
+        return _coerce(value, base, key)
+    if base is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float, str)):
+            try:
+                return float(value)
+            except ValueError:
+                raise ValueError(f"{key}: expected a number, got {value!r}") from None
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if base is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        except ValueError:
-            raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError(f"{key}: expected an integer, got {value!r}") from None
+        if not isinstance(value, int):
+            raise ValueError(f"{key}: expected an integer, got {value!r}")
+        return value
     if base is bool and not isinstance(value, bool):
         raise ValueError(f"{key}: expected true or false, got {value!r}")
+    if base is str and not isinstance(value, str):
+        raise ValueError(f"{key}: expected a string, got {value!r}")
     return value
 
 

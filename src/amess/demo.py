@@ -14,7 +14,8 @@ from pathlib import Path
 
 from amess.config import Config
 from amess.data import synth
-from amess.train import format_table, run
+from amess.training import format_table, run
+from amess.training.runner import holds_other_run
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ def run_demo(out: str | Path, *, size: int = 1000, seeds: list[int] | None = Non
     out = Path(out)
     data_dir = out / "data"
     info_path = data_dir / "synth_info.json"
-    if not info_path.is_file() or json.loads(info_path.read_text()).get("size") != size:
+    regenerated = not info_path.is_file() or json.loads(info_path.read_text()).get("size") != size
+    if regenerated:
         synth.generate(data_dir, seed=0, size=size)
     info = json.loads(info_path.read_text())
     rows, times = {}, {}
@@ -39,7 +41,7 @@ def run_demo(out: str | Path, *, size: int = 1000, seeds: list[int] | None = Non
             "amess.desc_encoder": "frozen", **(settings or {}),
         })
         t = time.perf_counter()
-        rows[method] = run(cfg, out / method)
+        rows[method] = run(cfg, out / method, overwrite=regenerated or holds_other_run(out / method, cfg))
         times[method] = time.perf_counter() - t
     table = format_table(rows, "test")
     lines = [

@@ -1,57 +1,66 @@
-"""Evaluate a finished run folder: rebuild each seed's model from its `config.yaml`, load
-`model.pt`, score a split, and merge the split's figures into `summary.json` (with the
-run's out-of-scope detectors, refitted on the saved training and dev outputs)."""
+"""Evaluate a finished run folder on a split: each of the run's seeds is rebuilt from its
+`model_spec.json` and `model.pt` (no retraining, no refitting: the out-of-scope detectors
+are the ones fitted at training time), scored on the split, and the split's figures are
+merged into `summary.json`. Exactly the run's seeds are used; a missing one is an error
+that names it."""
 
 from __future__ import annotations
 
-import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from amess.config import Config
-from amess.train import (EvalResult, build_model, evaluate_ood, load_descriptions_for, make_accelerator,
-                         make_collator, make_loader, predict, prepare_data, prepare_model, split_metrics, summarise)
+from amess.training.artifacts import summarise, write_json
+from amess.training.data import make_loader, read_modalities
+from amess.training.distributed import make_accelerator, prepare_model
+from amess.training.evaluation import predict, score_detector, split_metrics
+from amess.training.runner import seed_finished
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_run(run_dir: Path, split: str) -> dict:
-    seed_dirs = sorted(p for p in run_dir.glob("seed_*") if (p / "model.pt").is_file())
-    if not seed_dirs:
-        raise FileNotFoundError(f"{run_dir}: no seed_*/model.pt found (is this an `amess train` run folder?)")
+    import json
+
+    from amess.data import DataError, get_reader
+    from amess.predictor import Predictor
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this an `amess train` run folder?)")
+    cfg = Config.load(run_dir / "config.yaml")
+    missing = [s for s in cfg.train.seeds if not seed_finished(run_dir / f"seed_{s}")]
+    if missing:
+        raise FileNotFoundError(f"{run_dir}: seed(s) {missing} of this run are not finished (no seed_N/metrics.json "
+                                f"and model_spec.json); rerun `amess train` with the same --out to finish them")
+    accelerator = make_accelerator(cfg)
+    reader = get_reader(replace(cfg.data, modalities=read_modalities(cfg)))
+    if split not in reader.available_splits():
+        raise FileNotFoundError(f"{reader.split_file(split)}: split {split!r} not found")
+    target = reader.load([split])[split]
     per_seed = {}
-    accelerator = None
-    for sd in seed_dirs:
-        cfg = Config.load(sd / "config.yaml")
-        accelerator = accelerator or make_accelerator(cfg)
-        seed = cfg.train.seeds[0]
-        cfg = cfg.override({"data.test_splits": [split]})
-        data = prepare_data(cfg, seed)
-        if split not in data.tests and split != data.dev_key:
-            raise FileNotFoundError(f"{data.reader.data_dir}: split {split!r} not found")
-        model, encoder = build_model(cfg, data, load_descriptions_for(cfg, data.reader, data.label_names))
-        model.load_state_dict(torch.load(sd / "model.pt", map_location="cpu", weights_only=True))
-        collator = make_collator(cfg, data, encoder.tokenizer)
-        target = data.tests.get(split, data.dev)
-        loader = make_loader(target, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
-        model, loader = prepare_model(model, accelerator), accelerator.prepare(loader)
+    for seed in cfg.train.seeds:
+        sd = run_dir / f"seed_{seed}"
+        p = Predictor(sd)
+        if p.label_names != reader.label_names:
+            raise DataError(f"{reader.data_dir}: its labels {reader.label_names} differ from the run's "
+                            f"{p.label_names} (labels are matched by name and order)")
+        loader = make_loader(target, p.config, p.collator, shuffle=False, seed=seed,
+                             batch_size=p.config.train.eval_batch_size)
+        model, loader = prepare_model(p.model, accelerator), accelerator.prepare(loader)
         res = predict(model, loader, accelerator, split)
-        m = split_metrics(res, len(data.label_names), data.label_names, cfg.data.holdout_labels)
+        m = split_metrics(res, len(p.label_names), p.label_names, p.config.data.holdout_labels)
+        for name, fd in p.detectors.items():
+            m.setdefault("ood", {})[name] = score_detector(fd, res)[0]
         per_seed[seed] = {split: m}
-        saved = {name: sd / f"outputs_{name}.npz" for name in ("train", data.dev_key)}
-        if cfg.ood.detectors and split in data.tests and all(p.is_file() for p in saved.values()):
-            # detectors are fitted on the saved training outputs and tuned on the saved dev ones
-            results = {name: EvalResult.load(p, name) for name, p in saved.items()} | {split: res}
-            evaluate_ood(cfg, results, data, per_seed[seed])
         if accelerator.is_main_process:
             res.save(sd / f"outputs_{split}.npz")
-            (sd / f"metrics_{split}.json").write_text(json.dumps(m, indent=2))
+            write_json(sd / f"metrics_{split}.json", m)
     summary = summarise(per_seed)
     if accelerator.is_main_process:
         path = run_dir / "summary.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         old[split] = summary[split]
-        path.write_text(json.dumps(old, indent=2))
+        write_json(path, old)
     return summary

@@ -183,6 +183,35 @@ class Detector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
+    def state(self) -> dict[str, Any]:
+        """JSON-able state: the constructor options and the fitted values (attributes ending
+        in `_`), so that a fitted detector is saved in a run's `model_spec.json` and never
+        refitted from the training data (`from_state`)."""
+        def plain(v: Any) -> Any:
+            if isinstance(v, np.ndarray):
+                return [plain(x) for x in v.tolist()] if v.ndim else plain(v.item())
+            if isinstance(v, list):
+                return [plain(x) for x in v]
+            if isinstance(v, float) and not np.isfinite(v):
+                return None
+            return v
+
+        items = vars(self).items()
+        return {"name": self.name,
+                "options": {k: v for k, v in items if not k.endswith("_") and not k.startswith("_")},
+                "fitted": {k: plain(v) for k, v in items if k.endswith("_")}}
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> "Detector":
+        """The fitted detector saved by `state()`."""
+        det = build_detector(state["name"], **state.get("options", {}))
+        for k, v in state.get("fitted", {}).items():
+            if isinstance(v, list):
+                flat = np.asarray(v, dtype=object).ravel()
+                v = np.asarray(v, dtype=np.float64 if any(x is None or isinstance(x, float) for x in flat) else None)
+            setattr(det, k, v)
+        return det
+
 
 @register_detector("msp")
 class MSPDetector(Detector):
@@ -242,8 +271,7 @@ class MahalanobisDetector(Detector):
         self.ridge = float(ridge)
         self.classes_: np.ndarray | None = None
         self.means_: np.ndarray | None = None
-        self.precision_: np.ndarray | None = None
-        self._whiten: np.ndarray | None = None
+        self.whiten_: np.ndarray | None = None
 
     def _prep(self, b: OutputBundle) -> np.ndarray:
         if b.features is None:
@@ -270,17 +298,21 @@ class MahalanobisDetector(Detector):
         # Whitening W with W W^T = cov^-1, via eigh (robust for PSD matrices).
         w, v = np.linalg.eigh(cov)
         w = np.maximum(w, 1e-12 * max(float(w.max()), 1e-300))
-        self._whiten = v / np.sqrt(w)
-        self.precision_ = self._whiten @ self._whiten.T
+        self.whiten_ = v / np.sqrt(w)
         self.classes_ = classes
         self.means_ = means
+
+    @property
+    def precision(self) -> np.ndarray:
+        """`(h, h)` the inverse of the shrunk covariance, `W W^T`."""
+        return self.whiten_ @ self.whiten_.T
 
     def _score(self, b: OutputBundle) -> np.ndarray:
         x = self._prep(b)
         if x.shape[1] != self.means_.shape[1]:
             raise ValueError(f"mahalanobis: fitted on {self.means_.shape[1]}-d features, got {x.shape[1]}-d")
-        z = x @ self._whiten  # (N, h)
-        m = self.means_ @ self._whiten  # (C', h)
+        z = x @ self.whiten_  # (N, h)
+        m = self.means_ @ self.whiten_  # (C', h)
         d2 = (z * z).sum(1)[:, None] - 2.0 * z @ m.T + (m * m).sum(1)[None, :]
         return -np.maximum(d2, 0.0).min(axis=1)
 

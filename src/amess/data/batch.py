@@ -48,6 +48,8 @@ class Batch:
         for f in fields(self):
             v = getattr(self, f.name)
             out[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+        out["extras"] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                         for k, v in self.extras.items()}
         return Batch(**out)
 
     def __len__(self) -> int:
@@ -76,11 +78,14 @@ class Collator:
 
     `text_max_len` counts special tokens (MIntRec's official 30 includes [CLS]/[SEP]).
     With a context (multi-turn), the pair `(text, context)` is encoded with segment id 1
-    on the context, as the MIntRec2.0 framework does.
+    on the context, as the MIntRec2.0 framework does. `hook(samples, batch)`, a method's
+    collator hook (`IntentModel.collate_hook`), adds its own inputs to `batch.extras`.
     """
 
-    def __init__(self, tokenizer, *, text_max_len: int, video_dim: int | None, audio_dim: int | None):
+    def __init__(self, tokenizer, *, text_max_len: int, video_dim: int | None, audio_dim: int | None,
+                 hook=None):
         self.tokenizer = tokenizer
+        self.hook = hook
         self.text_max_len = text_max_len
         self.video_dim = video_dim
         self.audio_dim = audio_dim
@@ -105,4 +110,6 @@ class Collator:
             batch.video, batch.video_mask = pad_frames([s.video for s in samples], self.video_dim)
         if self.audio_dim is not None:
             batch.audio, batch.audio_mask = pad_frames([s.audio for s in samples], self.audio_dim)
+        if self.hook is not None:
+            self.hook(samples, batch)
         return batch

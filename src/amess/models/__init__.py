@@ -1,12 +1,21 @@
-"""Methods: one file each, registered by name in `METHODS`.
+"""Methods: one file each in this folder, registered by name in `METHODS`.
 
-Importing this package imports every method module, so that each registers itself.
+Every module of this package is imported here (found by listing the folder), so that each
+registers itself with `@register_method`: adding a method is adding its file, with no
+import list to edit. A method defined elsewhere (a user's module, a test) registers the
+same way when its module is imported.
 """
 
 from __future__ import annotations
 
-from amess.models import amess, text  # noqa: F401  (imported to register the methods)
+import importlib
+import pkgutil
+
 from amess.models.base import METHODS, IntentModel, IntentOutput, register_method
+
+for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+    if _m.name not in ("base", "encoders", "layers"):
+        importlib.import_module(f"{__name__}.{_m.name}")
 
 __all__ = ["METHODS", "IntentModel", "IntentOutput", "register_method", "build_model", "method_class"]
 
@@ -20,5 +29,9 @@ def method_class(name: str) -> type[IntentModel]:
 
 def build_model(name: str, **kwargs) -> IntentModel:
     """Build the method registered as `name` with the loop's keyword arguments
-    (`config, encoder, num_labels, video_dim, audio_dim, label_names, descriptions`)."""
-    return method_class(name)(**kwargs)
+    (`config, settings, encoder, num_labels, video_dim, audio_dim, label_names, descriptions`);
+    `settings` defaults to the config's section for the method."""
+    cls = method_class(name)
+    if "settings" not in kwargs:
+        kwargs["settings"] = kwargs["config"].settings_for(name) if cls.Settings is not None else None
+    return cls(**kwargs)

@@ -3,7 +3,7 @@
 Implements docs/amess-method.md; section numbers below ("A-ME 3", "SS 4") refer to it.
 Read top to bottom: helpers, the non-verbal encoder, the anchor fusion, then the model.
 
-Choices the paper leaves open (each is an `AmessConfig` switch or documented here):
+Choices the paper leaves open (each is an `AmessSettings` switch or documented here):
 - Non-verbal positions are sinusoidal, so that no maximum stream length is fixed at
   construction (feature lengths come from the dataset, never from a constant here).
 - `topk` scores a token by the scaled dot product between its word embedding and the
@@ -29,6 +29,7 @@ einops legend:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from einops import einsum, repeat
 from torch import nn
 
-from amess.config import AmessConfig, Config
+from amess.config import Config
 from amess.data.batch import Batch
 from amess.losses import margin_triplet, triplet_contrastive
 from amess.models.base import IntentModel, IntentOutput, register_method
@@ -48,6 +49,83 @@ first update of an anchor is a few per cent of a word embedding (A-ME 4: start f
 text model, yet let gradients reach the fusion and the non-verbal encoders)."""
 MAX_LOGIT_SCALE = 100.0
 """Upper clamp of a learned SS logit scale 1/tau, as in CLIP (avoids collapse to huge logits)."""
+
+ANCHOR_MODES = ("topk", "learned", "all", "none")
+SS_LOSSES = ("none", "triplet", "margin")
+DESC_ENCODERS = ("shared", "frozen")
+INFERENCE_MODES = ("head", "similarity", "both")
+
+
+@dataclass
+class AmessSettings:
+    """A-MESS switches (docs/amess-method.md): the `amess` section of a config."""
+
+    anchor_mode: str = "topk"
+    """A-ME anchors: `topk` (text tokens most relevant to the non-verbal streams), `learned`
+    (k learned vectors inserted after [CLS]), `all` (every word token: dense fusion) or
+    `none` (no fusion: the ablation row)."""
+    num_anchors: int = 4
+    """k, the number of anchors for `topk` and `learned`."""
+    fusion_heads: int = 4
+    """Attention heads of the anchor cross-attention and of the non-verbal layer; must divide
+    the encoder's embedding size."""
+    nonverbal_layer: bool = True
+    """Run one light Transformer layer over each projected non-verbal stream."""
+    ss_loss: str = "triplet"
+    """SS loss: `triplet` (z_m and z_t against descriptions, plus z_m-z_t InfoNCE), `margin`
+    (z_m, gold description, hardest negative description) or `none`."""
+    ss_lambda: float = 0.5
+    """Weight of the SS loss: L = CE + ss_lambda * L_SS."""
+    tau: float = 0.1
+    """Temperature of the SS similarities (initial value when `learn_tau`)."""
+    learn_tau: bool = True
+    """Learn the logit scale 1/tau (CLIP style, clamped to [1, 100]) with the triplet loss; False,
+    or the margin loss (raw cosines, no temperature), keeps `tau` fixed."""
+    proj_dim: int = 128
+    """p, the size of the shared semantic space."""
+    text_view: bool = True
+    """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
+    desc_encoder: str = "shared"
+    """Description encoder: `shared` (the trained text encoder, re-encoded every step) or
+    `frozen` (the pretrained encoder, encoded once at construction and cached)."""
+    desc_max_len: int = 64
+    """Max tokens of a label description, special tokens included."""
+    inference: str = "head"
+    """Scores at evaluation: `head` (classifier softmax), `similarity` (softmax over the scaled
+    cosine similarities to the descriptions) or `both` (the average of the two)."""
+    margin: float = 0.2
+    """Cosine margin of the `margin` SS loss."""
+    gate_init: float = -2.0
+    """Initial bias of the fusion gate: sigmoid(-2) = 0.12, so training starts near the text model."""
+
+    def __post_init__(self) -> None:
+        choices = {"anchor_mode": ANCHOR_MODES, "ss_loss": SS_LOSSES, "desc_encoder": DESC_ENCODERS,
+                   "inference": INFERENCE_MODES}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"amess.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        if self.anchor_mode in ("topk", "learned") and self.num_anchors < 1:
+            raise ValueError(f"amess.num_anchors must be >= 1 with anchor_mode {self.anchor_mode!r}, "
+                             f"got {self.num_anchors}")
+        if self.fusion_heads < 1:
+            raise ValueError(f"amess.fusion_heads must be >= 1, got {self.fusion_heads}")
+        if self.ss_lambda < 0:
+            raise ValueError(f"amess.ss_lambda must be >= 0, got {self.ss_lambda}")
+        if not self.tau > 0:
+            raise ValueError(f"amess.tau must be > 0, got {self.tau}")
+        if self.learn_tau and not 0.01 <= self.tau <= 1.0:
+            raise ValueError(f"amess.tau must lie in [0.01, 1] with learn_tau (the scale 1/tau is "
+                             f"clamped to [1, 100]), got {self.tau}")
+        if self.proj_dim < 1:
+            raise ValueError(f"amess.proj_dim must be >= 1, got {self.proj_dim}")
+        if self.desc_max_len < 3:
+            raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
+        if self.ss_loss == "margin" and not 0 < self.margin <= 2:
+            raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
+        if self.inference != "head" and self.ss_loss == "none":
+            raise ValueError(f"amess.inference={self.inference!r} scores by similarity to the label "
+                             "descriptions, a space that amess.ss_loss=none never trains; use "
+                             "inference=head or an SS loss")
 
 
 def _has_frames(mask: torch.Tensor) -> torch.Tensor:
@@ -144,7 +222,8 @@ class AnchorFusion(nn.Module):
 class AMESS(IntentModel):
     """A-MESS (docs/amess-method.md): A-ME fusion into the text encoder, plus SS.
 
-    Built by the training loop with `config` (reads `config.model` and `config.amess`),
+    Built by the training loop with `config` (reads `config.model`), its `settings`
+    (`AmessSettings`),
     the shared `encoder`, `num_labels` C, the feature sizes of the used streams (None for
     an unused one), and `descriptions`: one string per label (needed unless
     `amess.ss_loss=none`; without them there is no `desc_sims`).
@@ -162,12 +241,15 @@ class AMESS(IntentModel):
     with `ss_loss=none` (nothing would use them).
     """
 
-    def __init__(self, *, config: Config, encoder: TextEncoder, num_labels: int,
+    Settings = AmessSettings
+    uses_descriptions = True
+
+    def __init__(self, *, config: Config, settings: AmessSettings, encoder: TextEncoder, num_labels: int,
                  video_dim: int | None = None, audio_dim: int | None = None,
                  label_names: Sequence[str] | None = None,
-                 descriptions: Sequence[str] | None = None):
+                 descriptions: Sequence[str] | None = None, **_):
         super().__init__()
-        cfg: AmessConfig = config.amess
+        cfg = settings
         self.cfg = cfg
         self.num_labels = num_labels
         self.encoder = encoder
@@ -258,7 +340,7 @@ class AMESS(IntentModel):
             with torch.no_grad():
                 cache = self._encode_descriptions()
             self.encoder.train(was_training)
-            self.register_buffer("desc_cache", cache, persistent=False)  # (C, h)
+            self.register_buffer("desc_cache", cache)  # (C, h)
 
     def _encode_descriptions(self) -> torch.Tensor:
         """(C, h) pooled description embeddings from the (shared) encoder."""
@@ -442,3 +524,39 @@ class AMESS(IntentModel):
             return head
         sim = (out.extras["desc_sims"].float() * self.logit_scale()).softmax(dim=-1)
         return sim if self.cfg.inference == "similarity" else 0.5 * (head + sim)
+
+    def decision_logits(self, out: IntentOutput) -> torch.Tensor:
+        """SS 6: the logits whose softmax is `predict_scores` (what out-of-scope detectors read):
+        the head's, the scaled similarities, or the log of the averaged probabilities."""
+        if self.cfg.inference == "head":
+            return out.logits
+        sims = out.extras["desc_sims"].float() * self.logit_scale()
+        if self.cfg.inference == "similarity":
+            return sims
+        return self.predict_scores(out).clamp_min(1e-12).log()
+
+    def token_highlights(self, out: IntentOutput) -> torch.Tensor | None:
+        """The anchor words (A-ME 3); learned anchors are not words of the input: None."""
+        return None if self.cfg.anchor_mode == "learned" else out.extras.get("anchor_index")
+
+    def diagnostics(self, d) -> None:
+        """A 2-D projection of z_m with the label descriptions marked (`embeddings`), and the
+        tokens chosen as anchors for a few samples (`anchors`); learned anchor slots sit after
+        [CLS] and are drawn there as `[anchor]`."""
+        from amess import plots
+
+        res = d.result
+        if "z_m" in res.extras:
+            d.save(plots.embedding_projection(res.extras["z_m"], res.labels, res.shared.get("desc_emb"),
+                                              d.label_names, seed=d.seed), "embeddings")
+        if "anchor_index" in res.extras and (res.extras["anchor_index"] >= 0).any():
+            inserted = self.cfg.num_anchors if self.cfg.anchor_mode == "learned" else 0
+            tok = self.encoder.tokenizer
+            names = list(d.label_names) + ["UNK"]
+            picked = d.samples[:6]
+            tokens = [tok.convert_ids_to_tokens(tok(s.text, s.context, truncation=True,
+                                                    max_length=d.text_max_len)["input_ids"]) for s in picked]
+            tokens = [t[:1] + ["[anchor]"] * inserted + t[1:] for t in tokens]
+            anchors = [[int(a) for a in row if a >= 0] for row in res.extras["anchor_index"][: len(picked)]]
+            titles = [f"{s.id} (gold {names[s.label]}, predicted {names[int(p)]})" for s, p in zip(picked, res.preds)]
+            d.save(plots.anchor_tokens(tokens, anchors, titles), "anchors")

@@ -1,20 +1,32 @@
 """What every method shares: its output type, its base class and the method registry.
 
-Adding a method is one file in `amess/models/` and one `@register_method("name")` line.
-The one training loop (`amess.train`) only ever calls `model(batch)` and
-`model.loss(output, batch)`, so a method's own loss terms live with the method.
+Adding a method is one file in `amess/models/` with one `@register_method("name")` line.
+The method declares everything the rest of the toolkit needs to know about it on its
+class: its settings dataclass (`Settings`, a `--set <name>.<key>=value` section), the
+modalities it reads (`reads`), the parts of the text encoder it needs (`encoder_parts`),
+and, only if it needs them, a collator hook (`collate_hook`: extra batch inputs such as
+prompt or template tokens) and a diagnostics hook (`diagnostics`: method plots). The one
+training loop (`amess.training.loop`) only ever calls `model(batch)`,
+`model.loss(output, batch)`, `model.param_groups(...)`, `model.predict_scores(output)`
+and `model.decision_logits(output)`: it has no method-specific branch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from amess.data.batch import Batch
+from amess.data.batch import Batch, Sample
+
+if TYPE_CHECKING:
+    from amess.training.artifacts import Diagnostics
+
+ENCODER_PARTS = ("pooler", "mlm_head")
+"""Optional parts of the text encoder a method can ask for (`IntentModel.encoder_parts`)."""
 
 
 @dataclass
@@ -38,18 +50,40 @@ class IntentModel(nn.Module):
     """Base class of every method.
 
     Subclasses are built with keyword arguments only:
-    `cls(*, config, encoder, num_labels, video_dim, audio_dim, label_names, descriptions)`
-    where `config` is the run's `amess.config.Config`, `encoder` a `TextEncoder`, the
-    dims are None for modalities that are not used, and `descriptions` is None or one
+    `cls(*, config, settings, encoder, num_labels, video_dim, audio_dim, label_names, descriptions)`
+    where `config` is the run's `amess.config.Config`, `settings` the method's own
+    `Settings` instance (None for a method without settings), `encoder` a `TextEncoder`,
+    the dims are None for modalities that are not used, and `descriptions` is None or one
     description string per label, in the order of `label_names` (SS, docs/amess-method.md).
-    A method that does not use descriptions accepts and ignores them.
+    A method takes the arguments it needs and ignores the rest (`**_`).
 
-    `reads` names the modalities the method's forward uses: training loads feature files
-    only for modalities that are both configured and read (a text model never pays the
-    memory of video and audio features).
+    Class attributes a method may set:
+    - `Settings`: a dataclass of its settings, one docstring per field, validated in
+      `__post_init__`; listed by `amess methods show NAME`.
+    - `reads`: the modalities its forward uses. Training loads feature files only for
+      modalities that are both configured and read (a text model never pays the memory
+      of video and audio features); `requires` those it cannot run without.
+    - `encoder_parts`: optional parts of the text encoder to load (`ENCODER_PARTS`).
+    - `uses_descriptions`: whether it reads the label descriptions.
     """
 
+    Settings: type | None = None
     reads: tuple[str, ...] = ("text", "video", "audio")
+    requires: tuple[str, ...] = ("text",)
+    encoder_parts: tuple[str, ...] = ()
+    uses_descriptions: bool = False
+    name: str = ""
+
+    @classmethod
+    def collate_hook(cls, settings: Any, tokenizer, text_max_len: int
+                     ) -> Callable[[Sequence[Sample], Batch], None] | None:
+        """Extra batch inputs: a function `(samples, batch) -> None` that adds tensors to
+        `batch.extras` (first dim b), or None (default). Runs in the loader's workers."""
+        return None
+
+    def diagnostics(self, d: "Diagnostics") -> None:
+        """Method-specific plots of one split's outputs, written with `d.save(fig, name)`.
+        Default: none."""
 
     def loss(self, out: IntentOutput, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Training loss and its named parts (for logging). Default: cross-entropy.
@@ -68,6 +102,16 @@ class IntentModel(nn.Module):
     def predict_scores(self, out: IntentOutput) -> torch.Tensor:
         """`(b, C)` class probabilities whose argmax is the prediction. Default: softmax of the logits."""
         return out.logits.float().softmax(-1)
+
+    def decision_logits(self, out: IntentOutput) -> torch.Tensor:
+        """`(b, C)` logits whose softmax is `predict_scores`: what out-of-scope detectors
+        and C+1 predictions read (default: the head's logits)."""
+        return out.logits
+
+    def token_highlights(self, out: IntentOutput) -> torch.Tensor | None:
+        """`(b, k)` positions in the batch's `input_ids` a method singles out (A-MESS: its
+        anchor words), -1 for none; shown by `amess predict`. Default: None."""
+        return None
 
     def param_groups(self, lr: float, weight_decay: float, encoder_lr: float | None = None) -> list[dict]:
         """AdamW groups: no decay on biases and norms; the encoder may use its own LR."""
@@ -92,9 +136,18 @@ METHODS: dict[str, type[IntentModel]] = {}
 
 
 def register_method(name: str) -> Callable[[type[IntentModel]], type[IntentModel]]:
+    """Class decorator: register an `IntentModel` subclass as method `name`."""
+    import dataclasses
+
     def deco(cls: type[IntentModel]) -> type[IntentModel]:
-        if name in METHODS:
-            raise ValueError(f"method {name!r} registered twice")
+        if name in METHODS and METHODS[name].__qualname__ != cls.__qualname__:
+            raise ValueError(f"method {name!r} registered twice ({METHODS[name].__qualname__}, {cls.__qualname__})")
+        if cls.Settings is not None and not dataclasses.is_dataclass(cls.Settings):
+            raise TypeError(f"method {name!r}: Settings must be a dataclass")
+        unknown = [p for p in cls.encoder_parts if p not in ENCODER_PARTS]
+        if unknown:
+            raise ValueError(f"method {name!r}: unknown encoder parts {unknown}; known: {list(ENCODER_PARTS)}")
+        cls.name = name
         METHODS[name] = cls
         return cls
 

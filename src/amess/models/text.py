@@ -6,8 +6,6 @@ is small at initialisation), so the two are compared on equal terms.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 from torch import nn
 
 from amess.config import Config
@@ -22,10 +20,7 @@ class TextClassifier(IntentModel):
 
     reads = ("text",)
 
-    def __init__(self, *, config: Config, encoder: TextEncoder, num_labels: int,
-                 video_dim: int | None = None, audio_dim: int | None = None,
-                 label_names: Sequence[str] | None = None,
-                 descriptions: Sequence[str] | None = None):
+    def __init__(self, *, config: Config, encoder: TextEncoder, num_labels: int, **_):
         super().__init__()
         self.encoder = encoder
         self.pooling = config.model.pooling
