@@ -83,9 +83,12 @@ def test_run_writes_tables_then_resumes_without_training(tmp_path, monkeypatch, 
     # resume: nothing retrains; a changed setting or a new row trains only what changed
     calls = []
 
-    def fake_run(cfg, run_dir):
+    def fake_run(cfg, run_dir, overwrite=False):
         calls.append(run_dir.name)
+        overwrites.append(overwrite)
         return summaries[ablate.DEFAULT_ROW]
+
+    overwrites = []
 
     monkeypatch.setattr(train, "run", fake_run)
     again = ablate.run_ablation(base.override({"train.progress": True}), out, rows=ROWS)
@@ -94,6 +97,7 @@ def test_run_writes_tables_then_resumes_without_training(tmp_path, monkeypatch, 
     assert calls == ["ss-off"]
     ablate.run_ablation(base.override({"train.lr": 3e-4}), out, rows=["default"])
     assert calls == ["ss-off", "a-mess-default"]
+    assert overwrites == [False, True]  # a new row; a row whose finished run had another lr is replaced
     calls.clear()
     ablate.run_ablation(base, out, rows=["text baseline"], resume=False)
     assert calls == ["text-baseline"]

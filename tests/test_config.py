@@ -44,3 +44,34 @@ def test_mmap_threshold_is_validated_and_applied(monkeypatch):
 
         if ctypes.util.find_library("c") == "libc.so.6":
             assert set_mmap_threshold(1024) is True
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"train.epochs": True}, "train.epochs: expected an integer, got True"),
+    ({"train.epochs": 2.5}, "train.epochs: expected an integer, got 2.5"),
+    ({"train.epochs": 0}, "train.epochs must be >= 1"),
+    ({"train.seeds": 5}, "train.seeds: expected a list"),
+    ({"train.lr": -1}, "train.lr must be a positive number"),
+    ({"train.patience": -1}, "train.patience must be >= 1"),
+    ({"train.monitor": "f1_makro"}, "train.monitor 'f1_makro' is not a dev metric"),
+    ({"data.dev_split": "train:1.5"}, "0 < FRACTION < 1"),
+    ({"model.method": "nope"}, "unknown method 'nope'"),
+])
+def test_bad_settings_are_refused_early(setting, message):
+    with pytest.raises(ValueError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        Config().override(setting)
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  lr: 1e-4\n  epochs: [1,\n")
+    with pytest.raises(ValueError, match="bad.yaml: line 4"):
+        Config.load(p)
+
+
+def test_method_sections_round_trip(tmp_path):
+    c = Config().override({"model.method": "text", "amess.tau": 0.05})  # a non-active method's section is kept
+    assert c.amess.tau == 0.05 and c.method_settings is None
+    c.save(tmp_path / "c.yaml")
+    assert Config.load(tmp_path / "c.yaml") == c
+    assert Config().override({"model.method": "amess"}).method_settings == Config().settings_for("amess")

@@ -192,33 +192,20 @@ def run_ablation(base_cfg: Config, out_dir: str | Path, rows: str | Sequence[str
 
 # --- the table ------------------------------------------------------------------------
 
-def _per_seed(run_dir: Path, seeds: list[int], split: str, key: str) -> list[float] | None:
-    """Per-seed values of a metric from the seed folders' `metrics.json`; None if any is missing."""
-    values = []
-    for s in seeds:
-        try:
-            m = json.loads((run_dir / f"seed_{s}" / "metrics.json").read_text())
-            values.append(float(m["metrics"][split][key]))
-        except (OSError, KeyError, ValueError, TypeError):
-            return None
-    return values
-
-
 def delta(row: dict, base: dict, split: str, key: str, row_dir: Path | None = None,
           base_dir: Path | None = None) -> str:
     """The change of `key` from `base` to `row` in percentage points: paired by seed
     (mean ± std of the differences) when both ran the same seeds and their seed folders
     are readable, else the difference of the means; `–` when either lacks the metric."""
-    from amess.metrics import mean_std
+    from amess.compare import paired, per_seed
 
     a, b = row.get(split, {}).get(key), base.get(split, {}).get(key)
     if a is None or b is None:
         return "–"
     seeds = row.get("seeds")
     if row_dir is not None and base_dir is not None and seeds and seeds == base.get("seeds"):
-        ra, rb = _per_seed(row_dir, seeds, split, key), _per_seed(base_dir, seeds, split, key)
-        if ra is not None and rb is not None:
-            d = mean_std([x - y for x, y in zip(ra, rb)])
+        d = paired(per_seed(row_dir, seeds, split, key), per_seed(base_dir, seeds, split, key))
+        if d is not None:
             return f"{100 * d['mean']:+.2f} ± {100 * d['std']:.2f}"
     return f"{100 * (a['mean'] - b['mean']):+.2f}"
 
@@ -244,14 +231,14 @@ def ablation_markdown(summaries: dict[str, dict], split: str, out_dir: str | Pat
     return header + "\n" + "\n".join(lines)
 
 
-def _leaves(metrics: dict, prefix: str = ""):
+def leaves(metrics: dict, prefix: str = ""):
     """(dotted name, {mean, std, n}) pairs of a split's summary; nested groups such as
     `ood.<detector>.<metric>` are flattened."""
     for k, v in metrics.items():
         if isinstance(v, dict) and "mean" in v:
             yield prefix + k, v
         elif isinstance(v, dict):
-            yield from _leaves(v, f"{prefix}{k}.")
+            yield from leaves(v, f"{prefix}{k}.")
 
 
 def write_csv(path: str | Path, summaries: dict[str, dict]) -> None:
@@ -263,7 +250,7 @@ def write_csv(path: str | Path, summaries: dict[str, dict]) -> None:
             for split, metrics in summ.items():
                 if split == "seeds":
                     continue
-                for metric, v in _leaves(metrics):
+                for metric, v in leaves(metrics):
                     w.writerow([name, split, metric, f"{v['mean']:.6f}", f"{v['std']:.6f}", v["n"]])
 
 

@@ -7,6 +7,7 @@
     amess evaluate RUN_DIR [--split test]
     amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy]
     amess methods [show NAME]
+    amess compare --dataset D --data-dir DIR --methods text,amess --seeds 0 1 2 --out DIR
     amess ablate --dataset D --data-dir DIR --seeds 0 1 2 --out DIR
     amess demo [--out demo_runs]
     amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
@@ -24,7 +25,7 @@ log = logging.getLogger("amess")
 
 
 def _add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
-    p.add_argument("--dataset", default="mintrec", help="benchmark reader (default: mintrec)")
+    p.add_argument("--dataset", default=None, help="benchmark reader: mintrec, mintrec2 or custom (default: mintrec)")
     p.add_argument("--data-dir", required=required, help="the dataset folder as downloaded")
     p.add_argument("--modalities", default=None,
                    help="comma-separated subset of text,video,audio (default: all three)")
@@ -34,7 +35,7 @@ def _add_data_args(p: argparse.ArgumentParser, *, required: bool = True) -> None
 
 
 def _data_overrides(args: argparse.Namespace) -> dict[str, object]:
-    o: dict[str, object] = {"data.dataset": args.dataset}
+    o: dict[str, object] = {"data.dataset": args.dataset} if args.dataset else {}
     if getattr(args, "data_dir", None):
         o["data.data_dir"] = args.data_dir
     if args.modalities:
@@ -94,7 +95,7 @@ def build_train_config(args: argparse.Namespace):
 
     cfg = Config.load(args.config) if args.config else Config()
     o = _data_overrides(args)
-    if args.method:
+    if getattr(args, "method", None):
         o["model.method"] = args.method
     if args.text_encoder:
         o["model.text_encoder"] = args.text_encoder
@@ -268,6 +269,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> None:
+    """The flags of `amess train` (shared by `amess compare`, which applies them to each method)."""
+    _add_data_args(p)
+    p.add_argument("--config", default=None, help="YAML config (flags override it)")
+    if with_method:
+        p.add_argument("--method", default=None, help="method name (see `amess methods`)")
+    p.add_argument("--text-encoder", default=None, help="Hugging Face name or local folder (default packaged:minilm)")
+    p.add_argument("--seeds", type=int, nargs="+", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="learning rate of the new layers")
+    p.add_argument("--encoder-lr", type=float, default=None, help="learning rate of the text encoder")
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--monitor", default=None, help="dev metric for early stopping (default f1_macro)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (smoke tests)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--dev-split", default=None, help="early-stopping split, or train:FRACTION to hold back part of train")
+    p.add_argument("--test-splits", nargs="+", default=None, help="splits reported at the end (default: test)")
+    p.add_argument("--holdout-labels", default=None, help="comma-separated intents unseen in training (zero-shot)")
+    p.add_argument("--label-descriptions", default=None, help="YAML/JSON file label -> description")
+    p.add_argument("--ood-detector", nargs="+", default=None,
+                   help="out-of-scope detectors to evaluate: msp maxlogit energy mahalanobis doc desc_sim")
+    p.add_argument("--outlier-exposure", action="store_true", help="train on the out-of-scope training rows too")
+    p.add_argument("--feature-store", default=None,
+                   help="read features from a store made by `amess data convert`; `auto` converts the pickles into "
+                        "DATA_DIR/amess_feature_store on first use (keeps features out of memory)")
+    p.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amess", description="multimodal intent recognition (A-MESS and baselines)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -292,34 +326,7 @@ def make_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_convert)
 
     t = sub.add_parser("train", help="train a method over one or more seeds")
-    _add_data_args(t)
-    t.add_argument("--config", default=None, help="YAML config (flags override it)")
-    t.add_argument("--method", default=None, help="method name (text, amess, ...)")
-    t.add_argument("--text-encoder", default=None, help="Hugging Face name or local folder (default packaged:minilm)")
-    t.add_argument("--seeds", type=int, nargs="+", default=None)
-    t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--batch-size", type=int, default=None)
-    t.add_argument("--lr", type=float, default=None, help="learning rate of the new layers")
-    t.add_argument("--encoder-lr", type=float, default=None, help="learning rate of the text encoder")
-    t.add_argument("--patience", type=int, default=None)
-    t.add_argument("--monitor", default=None, help="dev metric for early stopping (default f1_macro)")
-    t.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
-    t.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (smoke tests)")
-    t.add_argument("--threads", type=int, default=None, help="torch threads")
-    t.add_argument("--dev-split", default=None, help="early-stopping split, or train:FRACTION to hold back part of train")
-    t.add_argument("--test-splits", nargs="+", default=None, help="splits reported at the end (default: test)")
-    t.add_argument("--holdout-labels", default=None, help="comma-separated intents unseen in training (zero-shot)")
-    t.add_argument("--label-descriptions", default=None, help="YAML/JSON file label -> description")
-    t.add_argument("--ood-detector", nargs="+", default=None,
-                   help="out-of-scope detectors to evaluate: msp maxlogit energy mahalanobis doc desc_sim")
-    t.add_argument("--outlier-exposure", action="store_true", help="train on the out-of-scope training rows too")
-    t.add_argument("--feature-store", default=None,
-                   help="read features from a store made by `amess data convert`; `auto` converts the pickles into "
-                        "DATA_DIR/amess_feature_store on first use (keeps features out of memory)")
-    t.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE", help="any config setting")
-    t.add_argument("--no-progress", action="store_true", help="no progress bars")
-    t.add_argument("--out", required=True, help="run folder (rerun the same command to resume it)")
-    t.add_argument("--overwrite", action="store_true", help="replace a run of another configuration in --out")
+    add_train_args(t)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("evaluate", help="evaluate a run folder's checkpoints on a split")
@@ -354,9 +361,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     from amess.ablate import add_cli as add_ablate_cli
+    from amess.compare import add_cli as add_compare_cli
     from amess.labels.generate import add_cli as add_labels_cli
 
     add_ablate_cli(sub)
+    add_compare_cli(sub)
     add_labels_cli(sub)
     return p
 

@@ -11,10 +11,13 @@ from matplotlib.figure import Figure  # noqa: E402
 
 
 def training_curve(history: list[dict], monitor: str) -> Figure:
-    """Train loss and dev `monitor` per epoch."""
+    """Train loss and dev `monitor` per epoch (whole-number epoch ticks)."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ep = [h["epoch"] for h in history]
     ax.plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax2 = ax.twinx()
@@ -27,24 +30,75 @@ def training_curve(history: list[dict], monitor: str) -> Figure:
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, label_names: list[str], title: str = "") -> Figure:
-    """Row-normalised confusion matrix (rows: gold, columns: predicted)."""
+    """Confusion matrix (rows: gold, columns: predicted), colour = share of the gold row
+    (row-normalised, %), with the raw count written in every non-empty cell and a colour bar."""
     c = len(label_names)
-    m = np.zeros((c, c), dtype=np.float64)
+    counts = np.zeros((c, c), dtype=np.int64)
     for t, p in zip(y_true, y_pred):
         if 0 <= t < c and 0 <= p < c:
-            m[t, p] += 1
-    m = m / np.maximum(m.sum(1, keepdims=True), 1)
-    size = max(4.0, 0.35 * c + 2)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(m, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(c), label_names, rotation=90, fontsize=7)
-    ax.set_yticks(range(c), label_names, fontsize=7)
+            counts[t, p] += 1
+    m = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    size = max(4.5, 0.42 * c + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(100 * m, cmap="Blues", vmin=0, vmax=100)
+    fs = 7 if c <= 20 else 5.5
+    for i in range(c):
+        for j in range(c):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=fs,
+                        color="white" if m[i, j] > 0.6 else "black")
+    ax.set_xticks(range(c), label_names, rotation=90, fontsize=fs + 1)
+    ax.set_yticks(range(c), label_names, fontsize=fs + 1)
     ax.set_xlabel("predicted")
     ax.set_ylabel("gold")
-    if title:
-        ax.set_title(title)
+    bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+    bar.set_label("share of the gold class (%)")
+    n = int(counts.sum())
+    ax.set_title((title + "\n" if title else "") + f"colour: row-normalised; numbers: counts (n={n})", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def method_bars(summaries: dict[str, dict], split: str, key: str) -> Figure:
+    """One bar per method: the mean of `key` on `split` over seeds (%), error bars = std,
+    the value written above each bar."""
+    names = [n for n in summaries if key in summaries[n].get(split, {})]
+    means = [100 * summaries[n][split][key]["mean"] for n in names]
+    stds = [100 * summaries[n][split][key]["std"] for n in names]
+    seeds = [len(summaries[n].get("seeds", [])) for n in names]
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.8))
+    colours = _label_colours(max(1, len(names)))
+    ax.bar(range(len(names)), means, yerr=stds, capsize=4, color=colours[: len(names)], edgecolor="black",
+           linewidth=0.6)
+    for i, (mu, sd) in enumerate(zip(means, stds)):
+        ax.text(i, mu + sd + 0.5, f"{mu:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(range(len(names)), names, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center")
+    ax.set_ylabel(f"{key} on {split} (%)")
+    ax.set_ylim(0, min(100.0, max([m + s for m, s in zip(means, stds)] + [1.0]) * 1.15))
+    ax.set_title(f"mean ± std over {max(seeds) if seeds else 0} seed(s)", fontsize=9)
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def _spread(points: np.ndarray, min_dist: float, iters: int = 200) -> np.ndarray:
+    """Label positions near `points` (k, 2) pushed apart until no two are closer than
+    `min_dist` (in data units, y scaled like x), so that the names do not overlap."""
+    pos = points.astype(np.float64).copy() + np.array([min_dist * 0.3, min_dist * 0.2])
+    for _ in range(iters):
+        moved = False
+        for i in range(len(pos)):
+            for j in range(i + 1, len(pos)):
+                d = pos[j] - pos[i]
+                dist = float(np.hypot(*d))
+                if dist < min_dist:
+                    push = (d / dist if dist > 1e-12 else np.array([0.0, 1.0])) * (min_dist - dist) / 2
+                    pos[i] -= push
+                    pos[j] += push
+                    moved = True
+        if not moved:
+            break
+    return pos
 
 
 def _label_colours(c: int) -> list:
@@ -115,9 +169,13 @@ def embedding_projection(z: np.ndarray, labels: np.ndarray, desc: np.ndarray | N
                    zorder=4)
         # a neutral proxy: the stars themselves carry every label's colour
         ax.scatter([], [], s=120, marker="*", color="white", edgecolors="black", label="label description")
+        # names pushed apart so that they never overlap, each tied to its star by a thin line
+        span = float(np.ptp(y, axis=0).max()) if len(y) > 1 else 1.0
+        spots = _spread(yd, 0.06 * span)
         for k in range(c):
-            ax.annotate(label_names[k], yd[k], xytext=(6, 4), textcoords="offset points", fontsize=8, zorder=5,
-                        path_effects=[pe.withStroke(linewidth=2.5, foreground="white")])
+            ax.annotate(label_names[k], yd[k], xytext=spots[k], textcoords="data", fontsize=8, zorder=5,
+                        path_effects=[pe.withStroke(linewidth=2.5, foreground="white")],
+                        arrowprops=dict(arrowstyle="-", color="0.4", linewidth=0.5, shrinkA=0, shrinkB=3))
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(f"{used} 1")

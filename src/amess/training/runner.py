@@ -16,7 +16,10 @@ settings that differ (`overwrite=True` replaces it); nothing is silently clobber
 from __future__ import annotations
 
 import logging
+import resource
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -106,6 +109,12 @@ def holds_other_run(run_dir: Path, cfg: Config) -> bool:
         return (run_dir / "config.yaml").exists()
 
 
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(rss / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+
+
 def seed_finished(seed_dir: Path) -> bool:
     return (seed_dir / METRICS_FILE).is_file() and (seed_dir / SPEC_FILE).is_file()
 
@@ -178,10 +187,14 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
     load_checkpoint(accelerator.unwrap_model(model), seed_dir / CHECKPOINT_FILE)
     C = len(data.label_names)
     results: dict[str, EvalResult] = {}
+    infer_rows, infer_seconds = 0, 0.0
     for name, split in [("train", data.train), (data.dev_key, data.dev)] + list(data.tests.items()):
         loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
                                                  batch_size=cfg.train.eval_batch_size))
+        t = time.perf_counter()
         results[name] = predict(model, loader, accelerator, name)
+        if name != "train":  # evaluation throughput, data loading included
+            infer_rows, infer_seconds = infer_rows + len(results[name].ids), infer_seconds + time.perf_counter() - t
     metrics = {name: split_metrics(r, C, data.label_names, cfg.data.holdout_labels)
                for name, r in results.items() if name != "train"}
     detectors, ood_scores = evaluate_ood(cfg, results, data.dev_key, list(data.tests), metrics)
@@ -200,6 +213,10 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
         info = {"seed": seed, "best_epoch": fr.best_epoch, "epochs_run": len(fr.history), "steps": fr.steps,
                 "resumed_after_epoch": fr.resumed_from_epoch, "train_seconds": round(fr.train_seconds, 2),
                 "train_samples_per_second": round(fr.samples_seen / max(fr.train_seconds, 1e-9), 2),
+                "inference_samples_per_second": round(infer_rows / max(infer_seconds, 1e-9), 2),
+                "parameters": sum(p.numel() for p in inner.parameters()),
+                "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
+                "peak_rss_mib": peak_rss_mib(),
                 "label_names": data.label_names, "history": fr.history, "metrics": metrics}
         write_json(seed_dir / METRICS_FILE, info)  # last: the seed is finished
         (seed_dir / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,106 @@
+"""`amess compare`: methods side by side, paired differences, resumable; publishable figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from amess.cli import main
+
+
+def _compare(out, data_dir, enc, *extra):
+    return main(["compare", "--data-dir", str(data_dir), "--text-encoder", str(enc), "--seeds", "0", "1",
+                 "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--no-progress",
+                 "--set", "train.plots=false", "--set", "amess.desc_encoder=frozen", "--out", str(out), *extra])
+
+
+def test_compare_tables_paired_differences_and_resume(tmp_path, synth_dir, tiny_encoder_dir, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", "text,amess", "--reference", "text",
+                    "--in-process") == 0
+    md = (out / "compare.md").read_text()
+    assert "| text |" in md and "| amess |" in md and "Δ acc" in md
+    rows = list(csv.DictReader(open(out / "compare.csv")))
+    acc = {r["method"]: r for r in rows if r["split"] == "test" and r["metric"] == "acc"}
+    # the paired difference is the mean of the per-seed differences, from the seed folders
+    per = {m: [json.loads((out / m / f"seed_{s}" / "metrics.json").read_text())["metrics"]["test"]["acc"]
+               for s in (0, 1)] for m in ("text", "amess")}
+    assert float(acc["amess"]["delta_mean"]) == pytest.approx(np.mean(np.subtract(per["amess"], per["text"])), abs=1e-6)
+    assert acc["text"]["delta_mean"] == "" and float(acc["amess"]["mean"]) == pytest.approx(np.mean(per["amess"]))
+    amess_line = next(line for line in md.splitlines() if line.startswith("| amess |"))
+    assert " M |" in amess_line  # parameter count column
+    for f in ("compare_acc.pdf", "compare_acc.png", "compare_f1_macro.png"):
+        assert (out / f).is_file()
+    # rerun: nothing retrains; a changed A-MESS setting re-runs A-MESS only
+    stamps = {m: (out / m / "seed_0" / "model.pt").stat().st_mtime_ns for m in ("text", "amess")}
+    assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", "text,amess", "--reference", "text",
+                    "--in-process") == 0
+    assert {m: (out / m / "seed_0" / "model.pt").stat().st_mtime_ns for m in stamps} == stamps
+    assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", "text,amess", "--reference", "text",
+                    "--in-process", "--set", "amess.num_anchors=2") == 0
+    assert (out / "text" / "seed_0" / "model.pt").stat().st_mtime_ns == stamps["text"]
+    assert (out / "amess" / "seed_0" / "model.pt").stat().st_mtime_ns != stamps["amess"]
+
+
+def test_compare_in_fresh_processes_skips_undefined_methods(tmp_path, synth_dir, tiny_encoder_dir, capsys):
+    from amess.models import METHODS, IntentModel, register_method
+
+    out = tmp_path / "cmp"
+    assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", "text,amess", "--modalities", "text") == 0
+    md = (out / "compare.md").read_text()
+    line = next(line for line in md.splitlines() if line.startswith("| text |"))
+    assert line.rstrip(" |").split("|")[-1].strip() not in ("–", "")  # peak memory of its own process
+    with pytest.raises(ValueError, match="--reference 'nope'"):
+        from amess.compare import run_compare
+        from amess.config import Config
+
+        run_compare(Config(), ["text"], tmp_path / "x", reference="nope")
+    if "needs_video_test" not in METHODS:
+        @register_method("needs_video_test")
+        class NeedsVideo(IntentModel):
+            """A method that cannot run on text alone."""
+            requires = ("text", "video")
+
+    assert _compare(tmp_path / "cmp2", synth_dir, tiny_encoder_dir, "--methods", "text,needs_video_test",
+                    "--modalities", "text", "--in-process") == 0
+    assert "not defined for these modalities (needs video)" in (tmp_path / "cmp2" / "compare.md").read_text()
+
+
+def test_train_prints_the_out_of_scope_table(tmp_path, tiny_encoder_dir, capsys):
+    from amess.data.synth import generate_mintrec2
+
+    data = tmp_path / "m2"
+    generate_mintrec2(data, seed=0, size=300)
+    assert main(["train", "--dataset", "mintrec2", "--data-dir", str(data), "--method", "text", "--text-encoder",
+                 str(tiny_encoder_dir), "--epochs", "1", "--max-steps", "2", "--batch-size", "8", "--no-progress",
+                 "--set", "train.plots=false", "--ood-detector", "msp", "energy", "--out", str(tmp_path / "run")]) == 0
+    shown = capsys.readouterr().out
+    assert "out-of-scope detection on test" in shown and "| msp |" in shown and "| energy |" in shown
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    msp = next(line for line in shown.splitlines() if line.startswith("| msp |"))
+    assert f"{100 * summary['test']['ood']['msp']['f1_oos']['mean']:.2f}" in msp
+
+
+def test_figures_are_publishable():
+    from amess import plots
+
+    y = np.array([0, 0, 1, 2, 2, 2])
+    p = np.array([0, 1, 1, 2, 2, 0])
+    fig = plots.confusion_matrix(y, p, ["a", "b", "c"], title="t")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert sorted(texts) == ["1", "1", "1", "1", "2"]  # counts in the non-empty cells
+    assert len(fig.axes) == 2 and "row-normalised" in fig.axes[0].get_title()  # colour bar + note
+    hist = [{"epoch": e, "train_loss": 1.0 / e, "dev": {"acc": 0.1 * e}} for e in (1, 2, 3)]
+    ticks = plots.training_curve(hist, "acc").axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)
+    rng = np.random.default_rng(0)
+    desc = np.repeat(np.eye(4)[:1], 4, 0) + 1e-3 * rng.normal(size=(4, 4))  # four stars on one spot
+    fig = plots.embedding_projection(rng.normal(size=(30, 4)), rng.integers(0, 4, 30), desc, list("wxyz"),
+                                     method="pca")
+    fig.canvas.draw()
+    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    assert len(boxes) == 4
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
