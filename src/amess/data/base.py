@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from amess.config import DataConfig
 from amess.data.batch import Sample
+from amess.data.errors import DataError
 from amess.data.features import FeatureSource
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,6 @@ AUTO_STORE = "auto"
 """`feature_store: auto`: convert the feature pickles into a store in the data folder on first
 use (and whenever a pickle changes), then read features from it instead of holding them in memory."""
 AUTO_STORE_DIR = "amess_feature_store"
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file, the sample and what was expected."""
 
 
 @dataclass(frozen=True)
