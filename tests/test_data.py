@@ -246,3 +246,17 @@ def test_compact_load_matches_full_precision_load(tmp_path):
         pickle.dump({"x": _Evil()}, f)
     with pytest.raises(UnsafePickleError, match="refused"):
         safe_load(tmp_path / "evil.pkl", compact_dtype=np.float16)
+
+
+def test_unpickler_regressions_found_by_property_tests(tmp_path):
+    """Protocol 2 names Python 2 modules (`__builtin__.bytes` for an empty array's data), and
+    several empty arrays share one memoized b"" that the compact reader must not release."""
+    obj = {"a": np.zeros((0, 3), np.float32), "b": np.zeros((0, 2), np.int64), "c": np.ones((2, 2), np.float16),
+           "d": np.zeros((0, 1))}
+    for protocol in (2, 4):
+        p = tmp_path / f"p{protocol}.pkl"
+        p.write_bytes(pickle.dumps(obj, protocol=protocol))
+        for compact in (None, np.float16):
+            out = safe_load(p, compact_dtype=compact)
+            assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in obj.items()}
+            assert np.array_equal(out["c"], obj["c"])

@@ -16,6 +16,7 @@ float16's range, which the cast would turn into inf.
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 from pathlib import Path
@@ -90,6 +91,12 @@ class _Checks:
     _path: str
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 0-2 pickles name Python 2 modules (`__builtin__.bytes` for an empty array's
+        # data): check the names pickle itself maps them to (a Python 3 pickle never uses these)
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         _check_global(self._path, module, name)
         if module == "torch.storage" and name == "_load_from_bytes":
             return _torch_storage_from_bytes
@@ -133,9 +140,11 @@ class _RestrictedCompact(_Checks, pickle._Unpickler):
             if key is not None and self.memo.get(key) is state:
                 self.memo[key] = None
             # the array's raw bytes were memoized too; an array's bytes are never referenced
-            # again, so release them (the memo keeps its length: MEMOIZE keys are its size)
+            # again, so release them (the memo keeps its length: MEMOIZE keys are its size).
+            # Not short ones: CPython shares b"" and 1-byte objects, so several empty arrays
+            # reference one memoized b"" (and releasing short bytes saves nothing)
             for part in state:
-                if isinstance(part, (bytes, bytearray)):
+                if isinstance(part, (bytes, bytearray)) and len(part) >= 64:
                     key = self._memo_key.pop(id(part), None)
                     if key is not None and self.memo.get(key) is part:
                         self.memo[key] = None
