@@ -186,7 +186,8 @@ def test_data_check_reports_problems(tmp_path):
     rep = check_dataset(DataConfig(data_dir=str(tmp_path)))
     audio = tmp_path / "audio_data" / "audio_feats.pkl"
     assert rep.problems == [
-        f"{audio}: sample S04_E01_1: 2304 NaN or inf value(s), the first at frame 0, column 0; expected finite features",
+        f"{audio}: sample S04_E01_1: 2304 NaN or inf value(s), the first at frame 0, column 0; "
+        "expected finite features",
         f"{audio}: sample S04_E01_2: feature width 100, expected 768 (the width of the other 3 samples)",
         f"{audio}: 1 test id(s) without audio features: S06_E04_5"]
     assert "\n3 problem(s):" in rep.text()

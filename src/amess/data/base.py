@@ -33,6 +33,7 @@ from amess.config import DataConfig
 from amess.data.batch import Sample
 from amess.data.errors import DataError
 from amess.data.features import FeatureSource
+from amess.data.store import sha256_file, store_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,12 @@ class IntentDataset(Dataset):
 
 
 class DatasetReader:
-    """Base reader. Subclasses set `spec` and implement `read_rows` and `feature_paths`."""
+    """Base reader. Subclasses set `spec` and `header` and implement `parse_row` (and may
+    override `feature_path`)."""
 
     spec: DatasetSpec
+    header: list[str]
+    """The split files' expected header (leading columns; more may follow)."""
 
     def __init__(self, data_dir: str | Path, cfg: DataConfig):
         self.data_dir = Path(data_dir)
@@ -132,9 +136,6 @@ class DatasetReader:
 
     def available_splits(self) -> list[str]:
         return [s for s in ("train", "dev", "test") if self.split_file(s).is_file()]
-
-    header: list[str]
-    """The split files' expected header (leading columns; more may follow)."""
 
     def parse_row(self, row: dict[str, str], path: Path) -> Sample:
         """One TSV row (header name -> stripped field, plus `_line`) as a Sample; raises DataError."""
@@ -212,15 +213,13 @@ class DatasetReader:
         h = hashlib.sha256()
         h.update(f"amess-data-fingerprint 1\ndataset {self.spec.name}\n".encode())
         for split in self.available_splits():
-            h.update(f"tsv {split} {_sha256_file(self.split_file(split))}\n".encode())
+            h.update(f"tsv {split} {sha256_file(self.split_file(split))}\n".encode())
         for path in self.fingerprint_files():
-            h.update(f"file {path.name} {_sha256_file(path) if path.is_file() else 'missing'}\n".encode())
+            h.update(f"file {path.name} {sha256_file(path) if path.is_file() else 'missing'}\n".encode())
         for modality in ("video", "audio"):
             if modality not in self.cfg.modalities:
                 continue
             if self.cfg.feature_store and self.cfg.feature_store != AUTO_STORE:
-                from amess.data.store import store_fingerprint
-
                 h.update(f"store {modality} {store_fingerprint(self.store_dir(), modality)}\n".encode())
             else:
                 path = self.feature_path(modality)
@@ -412,16 +411,8 @@ def _problem(problems: list[str] | None, message: str) -> None:
 def _raise_first(problems: list[str]) -> None:
     """One line: the first problem, and how many more there are."""
     if problems:
-        more = f" (and {len(problems) - 1} more problem(s); `amess data check` lists them all)" if len(problems) > 1 else ""
-        raise DataError(problems[0] + more)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        more = f" (and {len(problems) - 1} more problem(s); `amess data check` lists them all)"
+        raise DataError(problems[0] + (more if len(problems) > 1 else ""))
 
 
 _FP_EDGE = 1 << 20  # bytes hashed at each end of a feature file
@@ -434,7 +425,7 @@ def file_fingerprint(path: Path) -> str:
     whatever the size. An edit that changes neither the size nor a sampled byte is not seen."""
     size = path.stat().st_size
     if size <= 4 * _FP_EDGE:
-        return f"{size}:{_sha256_file(path)}"
+        return f"{size}:{sha256_file(path)}"
     h = hashlib.sha256()
     with open(path, "rb") as f:
         h.update(f.read(_FP_EDGE))

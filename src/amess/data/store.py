@@ -110,7 +110,8 @@ _RELEASE_EVERY = (32 << 20, 16)  # release the mapping's pages after this many b
 
 __all__ = [
     "StoreError", "IncompleteStoreError", "MemmapFeatures", "convert_pickle", "convert_arrays",
-    "open_store", "verify_store", "read_manifest", "partial_ids", "store_fingerprint", "STORE_VERSION",
+    "open_store", "verify_store", "read_manifest", "partial_ids", "store_fingerprint", "sha256_file",
+    "STORE_VERSION",
 ]
 
 
@@ -147,7 +148,7 @@ def _check_dtype(dtype: Any) -> str:
     return key
 
 
-def _sha256_file(path: Path, limit: int | None = None) -> str:
+def sha256_file(path: Path, limit: int | None = None) -> str:
     """sha256 of a file (or of its first `limit` bytes), read in 4 MiB chunks."""
     h = hashlib.sha256()
     remaining = limit
@@ -282,9 +283,9 @@ def _up_to_date(store_dir: Path, name: str, params: dict, *, verify_data: bool =
         if damage is None and p["bin"].stat().st_size != entry["num_rows"] * entry["dim"] * np.dtype(
                 entry["dtype"]).itemsize:
             damage = f"{p['bin'].name} has the wrong size"
-        if damage is None and _sha256_file(p["index"]) != entry.get("index_sha256"):
+        if damage is None and sha256_file(p["index"]) != entry.get("index_sha256"):
             damage = f"{p['index'].name} changed since conversion"
-        if damage is None and verify_data and _sha256_file(p["bin"]) != entry.get("bin_sha256"):
+        if damage is None and verify_data and sha256_file(p["bin"]) != entry.get("bin_sha256"):
             damage = f"{p['bin'].name} changed since conversion (sha256 differs)"
     except OSError as e:
         damage = f"unreadable ({e})"
@@ -311,7 +312,7 @@ def _entry_problem(entry: Mapping[str, Any]) -> str | None:
 def _source_info(src: Path) -> dict:
     st = src.stat()
     return {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": _sha256_file(src)}
+            "sha256": sha256_file(src)}
 
 
 def _stale_source(entry: Mapping[str, Any]) -> str | None:
@@ -838,7 +839,8 @@ def _index_problem(ids: list[str], off: np.ndarray, ln: np.ndarray, orig: np.nda
         return f"the index lists {n} ids (with {len(off)} offsets), the manifest {entry['num_samples']} samples"
     if n and (off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1]) or int(off[-1] + ln[-1]) != entry["num_rows"]):
         return f"the index offsets are not contiguous over the {entry['num_rows']} rows"
-    if n and (np.any(ln < 0) or np.any(ln > orig) or (entry.get("max_len") is not None and np.any(ln > entry["max_len"]))):
+    max_len = entry.get("max_len")
+    if n and (np.any(ln < 0) or np.any(ln > orig) or (max_len is not None and np.any(ln > max_len))):
         return "the index lengths exceed the original lengths or max_len"
     if len(set(ids)) != n:
         return "the index has duplicate ids"
@@ -895,7 +897,7 @@ def verify_store(store_dir: str | Path, *, check_source: bool = False) -> list[s
         elif paths["bin"].stat().st_size != expected:
             problems.append(f"{where}: {paths['bin'].name} has {paths['bin'].stat().st_size} bytes, "
                             f"expected {expected}")
-        elif _sha256_file(paths["bin"]) != entry["bin_sha256"]:
+        elif sha256_file(paths["bin"]) != entry["bin_sha256"]:
             damaged = ""
             if index is not None:
                 off, ln, _, crc = arrays
@@ -911,7 +913,7 @@ def verify_store(store_dir: str | Path, *, check_source: bool = False) -> list[s
         if stale:
             problems.append(f"{where}: {stale} (stale store)")
         elif check_source and entry.get("source") and Path(entry["source"]["path"]).exists() and \
-                _sha256_file(Path(entry["source"]["path"])) != entry["source"].get("sha256"):
+                sha256_file(Path(entry["source"]["path"])) != entry["source"].get("sha256"):
             problems.append(f"{where}: source {entry['source']['path']} sha256 differs from the manifest")
     return problems
 
@@ -928,5 +930,5 @@ def store_fingerprint(store_dir: str | Path, name: str) -> str:
     if not isinstance(entry, dict) or not entry.get("complete"):
         return "missing" if entry is None else "incomplete"
     index = _paths(store_dir, name)["index"]
-    index_sha = _sha256_file(index) if index.is_file() else "missing"
+    index_sha = sha256_file(index) if index.is_file() else "missing"
     return ":".join(str(entry.get(k)) for k in ("dtype", "dim", "num_rows", "max_len", "bin_sha256")) + f":{index_sha}"
