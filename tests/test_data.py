@@ -139,7 +139,9 @@ def test_restricted_unpickler_loads_arrays_and_tensors(tmp_path):
     with open(p, "wb") as f:
         pickle.dump(obj, f)
     out = safe_load(p)
+    assert out.keys() == obj.keys() and out["a"].dtype == np.float32
     assert np.array_equal(out["a"], obj["a"]) and torch.equal(out["b"], obj["b"])
+    assert isinstance(out["c"], list) and len(out["c"]) == 1 and np.array_equal(out["c"][0], obj["c"][0])
     (tmp_path / "trunc.pkl").write_bytes(p.read_bytes()[:40])
     (tmp_path / "garbage.pkl").write_bytes(b"not a pickle")
     for bad in ("trunc.pkl", "garbage.pkl"):  # both readers: the C one and the compact Python one
@@ -182,11 +184,13 @@ def test_data_check_reports_problems(tmp_path):
     with open(tmp_path / "audio_data" / "audio_feats.pkl", "wb") as f:
         pickle.dump(audio, f)
     rep = check_dataset(DataConfig(data_dir=str(tmp_path)))
-    text = rep.text()
-    assert not rep.ok
-    assert "S04_E01_1: NaN or inf" in text
-    assert "widths differ" in text
-    assert "1 test id(s) without audio features" in text
+    audio = tmp_path / "audio_data" / "audio_feats.pkl"
+    assert rep.problems == [
+        f"{audio}: sample S04_E01_1: 2304 NaN or inf value(s), the first at frame 0, column 0; "
+        "expected finite features",
+        f"{audio}: sample S04_E01_2: feature width 100, expected 768 (the width of the other 3 samples)",
+        f"{audio}: 1 test id(s) without audio features: S06_E04_5"]
+    assert "\n3 problem(s):" in rep.text()
     (tmp_path / "video_data" / "video_feats.pkl").write_bytes(b"")
     assert "video_feats.pkl: empty file" in check_dataset(DataConfig(data_dir=str(tmp_path))).text()
 
@@ -213,8 +217,11 @@ def test_synth_layout_and_oracle(synth_dir):
     rep = check_dataset(DataConfig(data_dir=str(synth_dir)))
     assert rep.ok, rep.text()
     video = safe_load(synth_dir / "video_data" / "video_feats.pkl")
-    first = next(iter(video.values()))
-    assert isinstance(first, list) and (len(first) == 0 or first[0].shape == (1, 256))
+    # MIntRec's video release: a list of (1, 256) keyframe arrays per sample, some samples without any
+    assert all(isinstance(v, list) for v in video.values())
+    frames = [f for v in video.values() for f in v]
+    assert frames and all(f.shape == (1, 256) for f in frames)
+    assert any(len(v) == 0 for v in video.values()) and any(len(v) > 1 for v in video.values())
 
 
 def test_compact_load_matches_full_precision_load(tmp_path):
@@ -240,3 +247,17 @@ def test_compact_load_matches_full_precision_load(tmp_path):
         pickle.dump({"x": _Evil()}, f)
     with pytest.raises(UnsafePickleError, match="refused"):
         safe_load(tmp_path / "evil.pkl", compact_dtype=np.float16)
+
+
+def test_unpickler_regressions_found_by_property_tests(tmp_path):
+    """Protocol 2 names Python 2 modules (`__builtin__.bytes` for an empty array's data), and
+    several empty arrays share one memoized b"" that the compact reader must not release."""
+    obj = {"a": np.zeros((0, 3), np.float32), "b": np.zeros((0, 2), np.int64), "c": np.ones((2, 2), np.float16),
+           "d": np.zeros((0, 1))}
+    for protocol in (2, 4):
+        p = tmp_path / f"p{protocol}.pkl"
+        p.write_bytes(pickle.dumps(obj, protocol=protocol))
+        for compact in (None, np.float16):
+            out = safe_load(p, compact_dtype=compact)
+            assert {k: v.shape for k, v in out.items()} == {k: v.shape for k, v in obj.items()}
+            assert np.array_equal(out["c"], obj["c"])

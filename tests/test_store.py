@@ -23,7 +23,9 @@ from amess.data.store import (
     verify_store,
 )
 
-F16_TOL = dict(rtol=1e-3, atol=1e-3)
+def f16(a) -> np.ndarray:
+    """What a float16 store must give back: the float32 values rounded to float16, exactly."""
+    return np.asarray(a, dtype=np.float32).astype(np.float16).astype(np.float32)
 
 
 def _features(n: int = 12, dim: int = 8, seed: int = 0, max_t: int = 20) -> dict[str, np.ndarray]:
@@ -57,7 +59,7 @@ def test_round_trip_numpy(tmp_path):
         assert sid in store
         got = store.get(sid)
         assert got.dtype == np.float32 and got.shape == arr.shape
-        np.testing.assert_allclose(got, arr, **F16_TOL)
+        np.testing.assert_array_equal(got, f16(arr))
         assert store.length(sid) == arr.shape[0]
     assert store.get("S01_E01_0").shape == (0, 8)
     manifest = read_manifest(tmp_path / "store")["modalities"]["audio"]
@@ -81,7 +83,7 @@ def test_round_trip_torch_tensors(tmp_path):
     convert_pickle(src, tmp_path / "s", "audio", progress=False)
     store = open_store(tmp_path / "s", "audio")
     for sid, arr in feats.items():
-        np.testing.assert_allclose(store.get(sid), arr, **F16_TOL)
+        np.testing.assert_array_equal(store.get(sid), f16(arr))
 
 
 def test_round_trip_mintrec_video_lists(tmp_path):
@@ -95,7 +97,7 @@ def test_round_trip_mintrec_video_lists(tmp_path):
     assert store.dim == 256
     for sid, lst in frames.items():
         want = np.concatenate(lst, 0) if lst else np.zeros((0, 256), np.float32)
-        np.testing.assert_allclose(store.get(sid), want, **F16_TOL)
+        np.testing.assert_array_equal(store.get(sid), f16(want))
         assert store.length(sid) == len(lst)
 
 
@@ -204,7 +206,7 @@ def test_changed_parameters_restart_instead_of_resuming(tmp_path):
     assert info["resumed_samples"] == 0
     store = open_store(tmp_path, "a")
     for sid, arr in feats.items():
-        np.testing.assert_allclose(store.get(sid), arr[:8], **F16_TOL)
+        np.testing.assert_array_equal(store.get(sid), f16(arr[:8]))
 
 
 def test_rerun_on_unchanged_source_is_skipped(tmp_path):
@@ -249,7 +251,7 @@ def test_memmap_features_pickle_cheaply(tmp_path):
     clone = pickle.loads(blob)
     assert clone._mm is None and clone.max_len == 5
     for sid, arr in feats.items():
-        np.testing.assert_allclose(clone.get(sid), arr[:5], **F16_TOL)
+        np.testing.assert_array_equal(clone.get(sid), f16(arr[:5]))
 
 
 def test_dataloader_workers_read_the_store(tmp_path):
@@ -263,13 +265,13 @@ def test_dataloader_workers_read_the_store(tmp_path):
 
         def __getitem__(self, i):
             sid = store.ids()[i]
-            return sid, float(store.get(sid).sum())
+            return sid, store.get(sid)
 
-    loader = torch.utils.data.DataLoader(DS(), batch_size=3, num_workers=2)
-    got = {sid: s for sids, sums in loader for sid, s in zip(sids, sums.tolist())}
+    loader = torch.utils.data.DataLoader(DS(), batch_size=None, num_workers=2)
+    got = dict(loader)
     assert got.keys() == feats.keys()
-    for sid, arr in feats.items():
-        assert got[sid] == pytest.approx(float(arr.astype(np.float16).astype(np.float32).sum()), abs=1e-3)
+    for sid, arr in feats.items():  # each worker reads the right rows, in order, at float16 precision
+        np.testing.assert_array_equal(np.asarray(got[sid]), f16(arr))
 
 
 class _Evil:
@@ -292,12 +294,23 @@ def test_malicious_pickle_is_refused_and_writes_no_store(tmp_path, monkeypatch):
         open_store(tmp_path / "s", "a")
 
 
-def test_store_satisfies_feature_source_protocol(tmp_path):
-    convert_arrays(_features(n=3).items(), tmp_path, "a", progress=False)
-    store = open_store(tmp_path, "a")
-    assert isinstance(store, MemmapFeatures)
-    for attr in ("dim", "path", "get", "length", "__contains__", "ids", "__len__"):
-        assert hasattr(store, attr)
+def test_store_serves_what_the_in_memory_source_serves(tmp_path):
+    """The FeatureSource contract, behaviourally: the same pickle through the store and through
+    InMemoryFeatures gives the same ids, dims, frames (truncated alike) and true lengths."""
+    from amess.data.features import InMemoryFeatures
+
+    feats = _features(n=9, seed=11)
+    src = _dump(feats, tmp_path / "f.pkl")
+    convert_pickle(src, tmp_path / "s", "a", progress=False)
+    store = open_store(tmp_path / "s", "a", max_len=7)
+    mem = InMemoryFeatures(src, max_len=7)
+    assert isinstance(store, MemmapFeatures) and store.dim == mem.dim == 8 and store.path.endswith("a.bin")
+    assert sorted(store.ids()) == sorted(mem.ids()) and len(store) == len(mem) == 9
+    assert "nope" not in store and "nope" not in mem
+    for sid, arr in feats.items():
+        assert sid in store and store.length(sid) == mem.length(sid) == len(arr)
+        np.testing.assert_array_equal(store.get(sid), mem.get(sid))
+        assert store.get(sid).shape == (min(len(arr), 7), 8)
 
 
 def test_bad_names_and_dtypes(tmp_path):
@@ -316,3 +329,168 @@ def test_reads_stay_correct_across_page_releases(tmp_path):
             np.testing.assert_array_equal(store.get(sid), arr)
     if hasattr(__import__("mmap"), "MADV_DONTNEED"):
         assert store._release  # madvise worked on this platform
+
+
+# --------------------------------------------------------------------------- integrity and repair
+
+def _converted(tmp_path, n: int = 6, seed: int = 0):
+    feats = _features(n=n, seed=seed)
+    feats["S01_E01_0"] = np.ones((3, 8), np.float32)  # every sample with frames
+    src = _dump(feats, tmp_path / "f.pkl")
+    convert_pickle(src, tmp_path / "s", "a", progress=False)
+    return feats, src, tmp_path / "s"
+
+
+def _assert_serves(store_dir, feats):
+    store = open_store(store_dir, "a")
+    for sid, arr in feats.items():
+        np.testing.assert_array_equal(store.get(sid), f16(arr))
+
+
+def test_store_errors_are_data_errors():
+    from amess.data import DataError
+    from amess.data.store import StoreError
+
+    assert issubclass(StoreError, DataError) and issubclass(IncompleteStoreError, DataError)
+    assert issubclass(StoreError, RuntimeError)  # what callers caught before
+
+
+def test_a_changed_byte_is_refused_on_read_naming_the_sample_and_convert_repairs(tmp_path):
+    from amess.data.store import StoreError
+
+    feats, src, store_dir = _converted(tmp_path)
+    index = json.loads((store_dir / "a.index.json").read_text())
+    k = index["ids"].index("S01_E01_3")
+    data = bytearray((store_dir / "a.bin").read_bytes())
+    data[index["offset"][k] * 8 * 2 + 5] ^= 0x40  # a byte inside sample S01_E01_3's rows
+    (store_dir / "a.bin").write_bytes(bytes(data))
+    store = open_store(store_dir, "a")  # sizes and index are intact: opening is cheap and passes
+    np.testing.assert_array_equal(store.get("S01_E01_1"), f16(feats["S01_E01_1"]))
+    with pytest.raises(StoreError, match=r"a.bin: sample S01_E01_3: its stored bytes changed since conversion "
+                                         r"\(crc32 mismatch\).*amess data convert"):
+        store.get("S01_E01_3")
+    with pytest.raises(StoreError, match="S01_E01_3"):
+        open_store(store_dir, "a", max_len=1).get("S01_E01_3")  # a shorter view checks all the rows
+    problems = verify_store(store_dir)
+    assert len(problems) == 1 and "sha256 differs" in problems[0] and "['S01_E01_3']" in problems[0]
+    again = convert_pickle(src, store_dir, "a", progress=False)
+    assert not again["skipped"]
+    assert verify_store(store_dir) == []
+    _assert_serves(store_dir, feats)
+
+
+def test_swapped_ids_in_the_index_are_refused_and_convert_repairs(tmp_path):
+    from amess.data.store import StoreError
+
+    feats, src, store_dir = _converted(tmp_path)
+    path = store_dir / "a.index.json"
+    index = json.loads(path.read_text())
+    index["ids"][1], index["ids"][2] = index["ids"][2], index["ids"][1]
+    path.write_text(json.dumps(index, separators=(",", ":")) + "\n")
+    with pytest.raises(StoreError, match=r"a.index.json: the index changed since conversion"):
+        open_store(store_dir, "a")
+    assert any("a.index.json changed since conversion" in p for p in verify_store(store_dir))
+    assert not convert_pickle(src, store_dir, "a", progress=False)["skipped"]
+    _assert_serves(store_dir, feats)
+
+
+def test_inconsistent_index_is_refused_even_with_a_matching_hash(tmp_path):
+    """An index whose hash was updated too (e.g. written by a buggy tool) is still checked."""
+    import hashlib
+
+    from amess.data.store import StoreError
+
+    _, _, store_dir = _converted(tmp_path)
+    path = store_dir / "a.index.json"
+    index = json.loads(path.read_text())
+    index["ids"][1] = index["ids"][0]
+    text = json.dumps(index, separators=(",", ":")) + "\n"
+    path.write_text(text)
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["modalities"]["a"]["index_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="duplicate ids"):
+        open_store(store_dir, "a")
+
+
+def test_a_changed_source_makes_the_store_stale_until_converted_again(tmp_path):
+    from amess.data.store import StoreError
+
+    feats, src, store_dir = _converted(tmp_path)
+    feats["S01_E01_2"] = np.full((4, 8), 2.0, np.float32)
+    _dump(feats, src)
+    with pytest.raises(StoreError, match=r"a: its source .*f.pkl changed since conversion .*may hold old features"):
+        open_store(store_dir, "a")
+    assert any("stale" in p for p in verify_store(store_dir))
+    assert not convert_pickle(src, store_dir, "a", progress=False)["skipped"]
+    _assert_serves(store_dir, feats)
+
+
+def test_a_touched_source_is_rechecked_not_reconverted(tmp_path):
+    from amess.data.store import StoreError
+
+    feats, src, store_dir = _converted(tmp_path)
+    before = (store_dir / "a.bin").stat().st_mtime_ns
+    st = src.stat()
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(StoreError, match="modified again; same size"):
+        open_store(store_dir, "a")
+    again = convert_pickle(src, store_dir, "a", progress=False)
+    assert again["skipped"] and again["source"]["mtime_ns"] == st.st_mtime_ns + 10**9
+    assert (store_dir / "a.bin").stat().st_mtime_ns == before  # not rewritten
+    _assert_serves(store_dir, feats)
+
+
+def test_a_store_of_an_older_version_is_rebuilt(tmp_path):
+    from amess.data.store import StoreError
+
+    feats, src, store_dir = _converted(tmp_path)
+    manifest = json.loads((store_dir / "manifest.json").read_text())
+    manifest["version"] = 1
+    (store_dir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match="store version 1 is not supported"):
+        open_store(store_dir, "a")
+    assert not convert_pickle(src, store_dir, "a", progress=False)["skipped"]
+    _assert_serves(store_dir, feats)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "manifest.json").write_text('{"name": "not ours"}')
+    with pytest.raises(StoreError, match="not an amess feature store's is in the way"):
+        convert_pickle(src, tmp_path / "other", "a", progress=False)
+
+
+def test_cli_convert_repairs_instead_of_skipping(tmp_path, capsys):
+    from amess.cli import main
+    from test_data import write_mintrec
+
+    write_mintrec(tmp_path / "d")
+    args = ["data", "convert", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path / "st"), "--no-progress"]
+    assert main(args) == 0
+    capsys.readouterr()
+    binf = tmp_path / "st" / "audio.bin"
+    data = bytearray(binf.read_bytes())
+    data[-3] ^= 0xFF
+    binf.write_bytes(bytes(data))
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "audio: " in out and "(written)" in out.split("audio: ")[1].splitlines()[0]
+    assert "video: " in out and "(up to date, skipped)" in out.split("video: ")[1].splitlines()[0]
+    assert "problem" not in out
+
+
+def test_auto_store_reconverts_a_changed_index(tmp_path, caplog):
+    from amess.config import DataConfig
+    from amess.data import get_reader
+    from test_data import write_mintrec
+
+    write_mintrec(tmp_path)
+    cfg = DataConfig(data_dir=str(tmp_path), feature_store="auto")
+    first = get_reader(cfg).load(["train"])["train"]
+    want = {s.id: first.audio.get(s.id) for s in first.samples}
+    path = tmp_path / "amess_feature_store" / "audio.index.json"
+    index = json.loads(path.read_text())
+    index["ids"][0], index["ids"][1] = index["ids"][1], index["ids"][0]
+    path.write_text(json.dumps(index, separators=(",", ":")) + "\n")
+    again = get_reader(cfg).load(["train"])["train"]
+    assert "audio.index.json changed since conversion; converting it again" in caplog.text
+    for sid, arr in want.items():
+        np.testing.assert_array_equal(again.audio.get(sid), arr)

@@ -4,11 +4,21 @@ A reader takes the folder as users download it, knows its label order and defaul
 lengths (a `DatasetSpec`), and returns `SplitData` per split: samples (text, label id)
 plus the feature sources for video and audio. Adding a dataset is one reader class with
 `@register_dataset("name")`, one small fixture and one test.
+
+What `load` refuses (a `DataError` naming the file and the sample), so that training never
+runs on data that is silently wrong: unreadable TSVs (not UTF-8, wrong fields; a UTF-8 BOM
+and CRLF line endings are fine), a train or dev split without rows, an id twice in a split,
+an id of the train split in an evaluation split (a leak), feature values that are not
+finite real numbers or that float16 cannot hold (`safe_pickle.to_numpy`), and a modality
+without a single frame in a split. `amess data check` reports all of these at once.
+`fingerprint(cfg)` is a cheap hash of the data a config reads.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass, field
@@ -21,7 +31,9 @@ from torch.utils.data import Dataset
 
 from amess.config import DataConfig
 from amess.data.batch import Sample
+from amess.data.errors import DataError
 from amess.data.features import FeatureSource
+from amess.data.store import sha256_file, store_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +41,6 @@ AUTO_STORE = "auto"
 """`feature_store: auto`: convert the feature pickles into a store in the data folder on first
 use (and whenever a pickle changes), then read features from it instead of holding them in memory."""
 AUTO_STORE_DIR = "amess_feature_store"
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file, the sample and what was expected."""
 
 
 @dataclass(frozen=True)
@@ -86,9 +94,12 @@ class IntentDataset(Dataset):
 
 
 class DatasetReader:
-    """Base reader. Subclasses set `spec` and implement `read_rows` and `feature_paths`."""
+    """Base reader. Subclasses set `spec` and `header` and implement `parse_row` (and may
+    override `feature_path`)."""
 
     spec: DatasetSpec
+    header: list[str]
+    """The split files' expected header (leading columns; more may follow)."""
 
     def __init__(self, data_dir: str | Path, cfg: DataConfig):
         self.data_dir = Path(data_dir)
@@ -126,8 +137,94 @@ class DatasetReader:
     def available_splits(self) -> list[str]:
         return [s for s in ("train", "dev", "test") if self.split_file(s).is_file()]
 
-    def read_rows(self, split: str) -> list[Sample]:
+    def parse_row(self, row: dict[str, str], path: Path) -> Sample:
+        """One TSV row (header name -> stripped field, plus `_line`) as a Sample; raises DataError."""
         raise NotImplementedError
+
+    def read_rows(self, split: str, *, problems: list[str] | None = None) -> list[Sample]:
+        """The samples of one split file. Raises a DataError at the first bad row, or, given a
+        `problems` list (`amess data check`), appends every row's problem there, skips that
+        row and reads on."""
+        path = self.split_file(split)
+        rows = read_tsv(path, self.header, problems=problems)
+        return self.samples_from_rows(rows, path, split=split, problems=problems)
+
+    def samples_from_rows(self, rows: list[dict[str, str]], path: Path, *, split: str,
+                          problems: list[str] | None = None) -> list[Sample]:
+        samples = []
+        for r in rows:
+            try:
+                s = self.parse_row(r, path)
+            except DataError as e:
+                if problems is None:
+                    raise
+                problems.append(str(e))
+                continue
+            s.line = int(r["_line"])
+            samples.append(s)
+        return samples
+
+    def split_problems(self, samples: dict[str, list[Sample]]) -> list[str]:
+        """What is wrong across the rows of the given splits: a train or dev split without rows,
+        an id twice in one split, and an id of the train split in another split (a leak)."""
+        problems = []
+        train = self.cfg.train_split
+        for split, ss in samples.items():
+            f = self.split_file(split)
+            if not ss and split in (train, self.cfg.dev_split):
+                problems.append(f"{f}: no rows, only a header; expected at least one sample in the {split} split")
+            first: dict[str, int | None] = {}
+            for s in ss:
+                if s.id in first:
+                    problems.append(f"{f}: sample id {s.id} occurs twice (lines {first[s.id]} and {s.line}); "
+                                    "expected each id once per split")
+                else:
+                    first[s.id] = s.line
+        if train in samples:
+            in_train: dict[str, int | None] = {}
+            for s in samples[train]:
+                in_train.setdefault(s.id, s.line)
+            for split, ss in samples.items():
+                if split == train:
+                    continue
+                for s in ss:
+                    if s.id in in_train:
+                        problems.append(
+                            f"sample {s.id} is in both {train} ({self.split_file(train)}, line {in_train[s.id]}) "
+                            f"and {split} ({self.split_file(split)}, line {s.line}): evaluating on a training "
+                            "sample leaks it; expected disjoint splits")
+        return problems
+
+    def frame_problems(self, samples: dict[str, list[Sample]], source: FeatureSource, modality: str) -> list[str]:
+        """Splits in which no sample has a single frame of `modality` (the model would learn
+        nothing from it, and its masks would be all False)."""
+        return [f"{source.path}: no {modality} frames in any of the {len(ss)} samples of {split} "
+                f"({self.split_file(split)}); expected (frames, dim) features with frames for some samples, "
+                f"or leave {modality} out with --modalities"
+                for split, ss in samples.items()
+                if ss and all(s.id in source and source.length(s.id) == 0 for s in ss)]
+
+    def fingerprint_files(self) -> list[Path]:
+        """Files besides the split TSVs and feature files whose contents define the data."""
+        return []
+
+    def fingerprint(self) -> str:
+        """A cheap sha256 hex digest of the data this reader reads for its config (see `fingerprint`)."""
+        h = hashlib.sha256()
+        h.update(f"amess-data-fingerprint 1\ndataset {self.spec.name}\n".encode())
+        for split in self.available_splits():
+            h.update(f"tsv {split} {sha256_file(self.split_file(split))}\n".encode())
+        for path in self.fingerprint_files():
+            h.update(f"file {path.name} {sha256_file(path) if path.is_file() else 'missing'}\n".encode())
+        for modality in ("video", "audio"):
+            if modality not in self.cfg.modalities:
+                continue
+            if self.cfg.feature_store and self.cfg.feature_store != AUTO_STORE:
+                h.update(f"store {modality} {store_fingerprint(self.store_dir(), modality)}\n".encode())
+            else:
+                path = self.feature_path(modality)
+                h.update(f"features {modality} {file_fingerprint(path) if path else 'missing'}\n".encode())
+        return h.hexdigest()
 
     def feature_path(self, modality: str) -> Path | None:
         """The feature file for `video` or `audio`: the configured name, else the first known
@@ -156,7 +253,9 @@ class DatasetReader:
 
         loader = feature_loader or InMemoryFeatures
         out = {s: SplitData(name=s, samples=self.read_rows(s), source=str(self.split_file(s))) for s in splits}
-        all_ids = [smp.id for sd in out.values() for smp in sd.samples]
+        samples = {s: sd.samples for s, sd in out.items()}
+        _raise_first(self.split_problems(samples))
+        all_ids = list(dict.fromkeys(smp.id for sd in out.values() for smp in sd.samples))
         if self.cfg.feature_store == AUTO_STORE and {"video", "audio"} & set(self.cfg.modalities):
             self._auto_store()
         for modality in ("video", "audio"):
@@ -170,6 +269,7 @@ class DatasetReader:
             missing = [i for i in all_ids if i not in source]
             if missing:
                 raise DataError(f"{path}: no {modality} features for {len(missing)} sample(s), e.g. {missing[:3]}")
+            _raise_first(self.frame_problems(samples, source, modality))
             for sd in out.values():
                 setattr(sd, modality, source)
         return out
@@ -183,10 +283,11 @@ class DatasetReader:
             store = self.data_dir / store
         return store
 
-    def convert_features(self, store_dir: Path, *, dtype: str = "float16", progress: bool = True
-                         ) -> list[tuple[str, Path, dict]]:
+    def convert_features(self, store_dir: Path, *, dtype: str = "float16", progress: bool = True,
+                         verify: bool = True) -> list[tuple[str, Path, dict]]:
         """`amess data convert`: each configured modality's pickle into the store `store_dir`
-        (a modality already converted from the same file is skipped). Returns
+        (a modality already converted from the same content is skipped unless the store is
+        damaged; `verify` re-hashes its whole data file to tell). Returns
         (modality, source, info) per modality."""
         from amess.data.store import convert_pickle
 
@@ -198,7 +299,8 @@ class DatasetReader:
             if path is None:
                 raise DataError(f"{self.data_dir}: no {modality} feature file found "
                                 f"(tried {list(getattr(self.spec, modality + '_files'))})")
-            done.append((modality, path, convert_pickle(path, store_dir, modality, dtype=dtype, progress=progress)))
+            done.append((modality, path, convert_pickle(path, store_dir, modality, dtype=dtype, progress=progress,
+                                                        verify=verify)))
         return done
 
     def _auto_store(self) -> None:
@@ -207,7 +309,8 @@ class DatasetReader:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             return  # several processes must not write one store: they read what `amess data convert` made
         try:
-            for modality, path, info in self.convert_features(store, progress=False):
+            # sizes and the index hash are checked here; the data bytes sample by sample when read
+            for modality, path, info in self.convert_features(store, progress=False, verify=False):
                 if not info.get("skipped"):
                     log.info("converted %s features %s into the store %s", modality, path, store)
         except OSError as e:
@@ -233,27 +336,106 @@ class DatasetReader:
         return loader(path, keep=all_ids, max_len=self.max_len(modality)), path
 
 
-def read_tsv(path: Path, expected_header: list[str]) -> list[dict[str, str]]:
-    """Read a tab-separated file with the given header; errors name the file and row."""
+def read_tsv(path: Path, expected_header: list[str], *, problems: list[str] | None = None
+             ) -> list[dict[str, str]]:
+    """Read a tab-separated UTF-8 file with the given leading header columns.
+
+    A UTF-8 byte order mark and CRLF line endings are accepted. Each row is a dict header
+    name -> stripped field, plus `_line` (its line number). Errors name the file and line;
+    with a `problems` list, row-level errors (bad UTF-8, a wrong number of fields) are
+    appended there and reading goes on; file-level ones (missing, empty, wrong header) raise.
+    """
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+    text = read_text(path, problems=problems)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}: empty file (expected header {expected_header})") from None
+    except csv.Error as e:
+        raise DataError(f"{path}: line 1: unreadable header ({e}); expected {expected_header}") from None
+    header = [h.strip() for h in header]
+    if header[: len(expected_header)] != expected_header:
+        raise DataError(f"{path}: header {header} differs from the expected {expected_header}")
+    rows = []
+    while True:
         try:
-            header = next(reader)
+            row = next(reader)
         except StopIteration:
-            raise DataError(f"{path}: empty file (expected header {expected_header})") from None
-        header = [h.strip() for h in header]
-        if header[: len(expected_header)] != expected_header:
-            raise DataError(f"{path}: header {header} differs from the expected {expected_header}")
-        rows = []
-        for i, row in enumerate(reader, start=2):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if len(row) < len(expected_header):
-                raise DataError(f"{path}: line {i}: expected {len(expected_header)} tab-separated fields, got {len(row)}")
-            rows.append({h: row[j].strip() for j, h in enumerate(header) if j < len(row)} | {"_line": str(i)})
+            break
+        except csv.Error as e:  # e.g. a field longer than csv's limit
+            _problem(problems, f"{path}: line {reader.line_num}: unreadable row ({e}); expected "
+                               f"{len(header)} tab-separated fields")
+            continue
+        line = reader.line_num
+        if not row or all(not c.strip() for c in row):
+            continue
+        if not len(expected_header) <= len(row) <= len(header):
+            tab = " (a tab inside a field?)" if len(row) > len(header) else ""
+            _problem(problems, f"{path}: line {line}: expected {len(header)} tab-separated fields, got "
+                               f"{len(row)}{tab}")
+            continue
+        rows.append({h: row[j].strip() for j, h in enumerate(header) if j < len(row)} | {"_line": str(line)})
     return rows
+
+
+def read_text(path: Path, *, problems: list[str] | None = None) -> str:
+    """A UTF-8 text file (a leading BOM dropped). Invalid UTF-8 raises a DataError naming the
+    file and the line; with a `problems` list it is reported there and replaced by U+FFFD."""
+    raw = path.read_bytes()
+    bom = raw.startswith(b"\xef\xbb\xbf")
+    body = raw[3:] if bom else raw
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    bad = []
+    for n, line in enumerate(body.split(b"\n"), start=1):
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad.append(f"line {n} (byte 0x{line[e.start]:02x} at column {e.start + 1})")
+    more = f", and {len(bad) - 1} more line(s)" if len(bad) > 1 else ""
+    _problem(problems, f"{path}: {bad[0]}: not valid UTF-8{more}; expected a UTF-8 text file (re-save it as UTF-8)")
+    return body.decode("utf-8", errors="replace")
+
+
+def _problem(problems: list[str] | None, message: str) -> None:
+    """Raise `message`, or note it when collecting problems."""
+    if problems is None:
+        raise DataError(message)
+    problems.append(message)
+
+
+def _raise_first(problems: list[str]) -> None:
+    """One line: the first problem, and how many more there are."""
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s); `amess data check` lists them all)"
+        raise DataError(problems[0] + (more if len(problems) > 1 else ""))
+
+
+_FP_EDGE = 1 << 20  # bytes hashed at each end of a feature file
+_FP_BLOCKS, _FP_BLOCK = 16, 1 << 16  # and this many blocks of this size spread over the middle
+
+
+def file_fingerprint(path: Path) -> str:
+    """`size:sha256` of a feature file's first and last MiB and 16 blocks of 64 KiB evenly
+    spaced between them (the whole file when it is at most 4 MiB): about 3 MiB read
+    whatever the size. An edit that changes neither the size nor a sampled byte is not seen."""
+    size = path.stat().st_size
+    if size <= 4 * _FP_EDGE:
+        return f"{size}:{sha256_file(path)}"
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(_FP_EDGE))
+        step = (size - 2 * _FP_EDGE) // (_FP_BLOCKS + 1)
+        for k in range(1, _FP_BLOCKS + 1):
+            f.seek(_FP_EDGE + k * step)
+            h.update(f.read(_FP_BLOCK))
+        f.seek(size - _FP_EDGE)
+        h.update(f.read(_FP_EDGE))
+    return f"{size}:{h.hexdigest()}"
 
 
 DATASETS: dict[str, type[DatasetReader]] = {}
@@ -271,6 +453,27 @@ def get_reader(cfg: DataConfig) -> DatasetReader:
     if cfg.dataset not in DATASETS:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; known: {sorted(DATASETS)}")
     return DATASETS[cfg.dataset](cfg.data_dir, cfg)
+
+
+def fingerprint(data_cfg: DataConfig) -> str:
+    """A cheap fingerprint (sha256 hex digest) of the data `data_cfg` reads, for keying
+    results on the data as well as on the config.
+
+    It covers: the dataset name; the sha256 of every split TSV the reader finds (train, dev,
+    test of the configured folder or MIntRec2.0 subset, in full), and of files such as a
+    custom dataset's `labels.txt`; and for each configured feature modality (`video`,
+    `audio`; none for a text-only config) either the feature file's size plus the sha256
+    of its first and last MiB and 16 blocks of 64 KiB between them (`file_fingerprint`;
+    about 3 MiB read per file, whatever its size), or, when `feature_store` names a store,
+    the store's recorded dtype, dim, rows, max_len and full data sha256 plus the sha256 of
+    its index file (the store's data bytes are checked sample by sample when read).
+    Paths, mtimes and file names do not enter: a copied or moved dataset keeps its
+    fingerprint. An edit inside a large feature pickle that keeps its size and touches no
+    sampled block is not seen (convert it to a store, whose full hash is recorded).
+    Reading options (max lengths, task, context) are config, not data, and do not enter.
+    Raises DataError when the data folder does not exist (as `get_reader` does).
+    """
+    return get_reader(data_cfg).fingerprint()
 
 
 def stratified_holdout(samples: list[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:

@@ -23,6 +23,7 @@ class Sample:
     video: np.ndarray | None = None  # (T_v, d_v) float32, already truncated to max length
     audio: np.ndarray | None = None  # (T_a, d_a) float32
     context: str | None = None  # previous utterance text (multi-turn mode), else None
+    line: int | None = None  # line of the split file it was read from (for error messages)
 
 
 @dataclass

@@ -13,7 +13,9 @@ one written by `amess labels generate`) to train A-MESS with semantic synchronis
 
 from __future__ import annotations
 
-from amess.data.base import DataError, DatasetReader, DatasetSpec, read_tsv, register_dataset
+from pathlib import Path
+
+from amess.data.base import DataError, DatasetReader, DatasetSpec, read_text, register_dataset
 from amess.data.batch import Sample
 
 CUSTOM_HEADER = ["id", "text", "label"]
@@ -23,12 +25,14 @@ CUSTOM_HEADER = ["id", "text", "label"]
 class CustomReader(DatasetReader):
     """Label order from `labels.txt`; text limits as MIntRec2.0's (50 tokens)."""
 
+    header = CUSTOM_HEADER
+
     def __init__(self, data_dir, cfg):
         super().__init__(data_dir, cfg)
         path = self.data_dir / "labels.txt"
         if not path.is_file():
             raise DataError(f"{path}: missing; list your intents there, one per line, in id order")
-        labels = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+        labels = [ln.strip() for ln in read_text(path).splitlines()
                   if ln.strip() and not ln.startswith("#")]
         dup = sorted({n for n in labels if labels.count(n) > 1})
         if not labels or dup or "UNK" in labels:
@@ -44,8 +48,9 @@ class CustomReader(DatasetReader):
     def descriptions_set(self) -> str:
         return "custom"  # no shipped set: pass --label-descriptions
 
-    def read_rows(self, split: str) -> list[Sample]:
-        path = self.split_file(split)
-        return [Sample(id=r["id"], text=r["text"],
-                       label=self.label_id(r["label"], path=path, row=int(r["_line"]), sample_id=r["id"]))
-                for r in read_tsv(path, CUSTOM_HEADER)]
+    def fingerprint_files(self) -> list[Path]:
+        return [self.data_dir / "labels.txt"]  # it defines the label ids
+
+    def parse_row(self, row: dict[str, str], path: Path) -> Sample:
+        return Sample(id=row["id"], text=row["text"],
+                      label=self.label_id(row["label"], path=path, row=int(row["_line"]), sample_id=row["id"]))

@@ -4,6 +4,13 @@ Every source maps a sample id to a float `(T, d)` array, already truncated to th
 max length. `InMemoryFeatures` holds a pickle's contents (compact: float16 by default,
 unpadded); the memory-mapped store in `amess.data.store` serves datasets larger than
 memory through the same interface.
+
+Values are checked as they are loaded (`safe_pickle.to_numpy`): NaN / inf, complex values,
+strings and values float16 cannot hold are refused with a `DataError` naming the file and
+the sample. Float16 overflow is refused rather than silently kept at float32: features
+that large (|v| >= 65520) are almost always broken, and the pickle path and the float16
+store must give the same numbers. Features that really are that large can be trained on
+from a float32 store (`amess data convert --dtype float32`, then `--feature-store`).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from typing import Iterable, Protocol
 
 import numpy as np
 
+from amess.data.errors import DataError
 from amess.data.safe_pickle import load_compact, to_numpy
 
 
@@ -45,26 +53,31 @@ class InMemoryFeatures:
         self.path = str(path)
         raw = load_compact(path, dtype)
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a dict sample_id -> features, got {type(raw).__name__}")
+            raise DataError(f"{path}: expected a dict sample_id -> features, got {type(raw).__name__}")
         wanted = set(keep) if keep is not None else None
         self._data: dict[str, np.ndarray] = {}
         self._lengths: dict[str, int] = {}
-        dims: set[int] = set()
+        first: tuple[str, int] | None = None  # (sample, width) of the first sample with frames
         for key in list(raw.keys()):
             sid = str(key)
             if wanted is not None and sid not in wanted:
                 del raw[key]
                 continue
-            arr = to_numpy(raw.pop(key), path=path, sample_id=sid)
+            if sid in self._lengths:
+                raise DataError(f"{path}: sample id {sid!r} occurs twice (keys {key!r} and another one that "
+                                "reads the same as text); expected one entry per sample")
+            arr = to_numpy(raw.pop(key), path=path, sample_id=sid, store_dtype=dtype)
             self._lengths[sid] = arr.shape[0]
             if arr.shape[0] > 0:
-                dims.add(arr.shape[1])
+                if first is None:
+                    first = (sid, arr.shape[1])
+                elif arr.shape[1] != first[1]:
+                    raise DataError(f"{path}: sample {sid}: feature width {arr.shape[1]}, expected {first[1]} "
+                                    f"(the width of sample {first[0]} and the samples before it)")
             if max_len is not None:
                 arr = arr[:max_len]
             self._data[sid] = np.ascontiguousarray(arr, dtype=dtype)
-        if len(dims) > 1:
-            raise ValueError(f"{path}: feature widths differ between samples: {sorted(dims)}")
-        self.dim = dims.pop() if dims else 0
+        self.dim = first[1] if first else 0
 
     def __contains__(self, sample_id: str) -> bool:
         return sample_id in self._data

@@ -7,7 +7,9 @@ files flat beside the TSVs, or `video_data/swin_feats.pkl` + `audio_data/wavlm_f
 
 from __future__ import annotations
 
-from amess.data.base import DatasetReader, DatasetSpec, read_tsv, register_dataset
+from pathlib import Path
+
+from amess.data.base import DatasetReader, DatasetSpec, register_dataset
 from amess.data.batch import Sample
 
 MINTREC_LABELS = (
@@ -35,13 +37,9 @@ MINTREC_SPEC = DatasetSpec(
 @register_dataset("mintrec")
 class MIntRecReader(DatasetReader):
     spec = MINTREC_SPEC
+    header = MINTREC_HEADER
 
-    def read_rows(self, split: str) -> list[Sample]:
-        path = self.split_file(split)
-        rows = read_tsv(path, MINTREC_HEADER)
-        samples = []
-        for r in rows:
-            sid = "_".join([r["season"], r["episode"], r["clip"]])
-            label = self.label_id(r["label"], path=path, row=int(r["_line"]), sample_id=sid)
-            samples.append(Sample(id=sid, text=r["text"], label=label))
-        return samples
+    def parse_row(self, row: dict[str, str], path: Path) -> Sample:
+        sid = "_".join([row["season"], row["episode"], row["clip"]])
+        label = self.label_id(row["label"], path=path, row=int(row["_line"]), sample_id=sid)
+        return Sample(id=sid, text=row["text"], label=label)

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import numpy as np
 
 from amess.config import DataConfig
-from amess.data.base import DataError, DatasetReader, DatasetSpec, SplitData, read_tsv, register_dataset
+from amess.data.base import DataError, DatasetReader, DatasetSpec, SplitData, register_dataset
 from amess.data.batch import Sample
 from amess.data.features import FeatureSource
 
@@ -98,6 +98,7 @@ class ContextFeatures:
 @register_dataset("mintrec2")
 class MIntRec2Reader(DatasetReader):
     spec = MINTREC2_SPEC
+    header = MINTREC2_HEADER
 
     def __init__(self, data_dir: str | Path, cfg: DataConfig):
         super().__init__(data_dir, cfg)
@@ -141,24 +142,25 @@ class MIntRec2Reader(DatasetReader):
                     return p
         return None
 
-    def read_rows(self, split: str) -> list[Sample]:
-        path = self.split_file(split)
-        rows = read_tsv(path, MINTREC2_HEADER)
-        samples = []
-        for r in rows:
-            sid = sample_id(r["Dialogue_id"], r["Utterance_id"])
-            label = self.label_id(r["Label"], path=path, row=int(r["_line"]), sample_id=sid)
-            samples.append(Sample(id=sid, text=r["Text"], label=label))
+    def parse_row(self, row: dict[str, str], path: Path) -> Sample:
+        sid = sample_id(row["Dialogue_id"], row["Utterance_id"])
+        label = self.label_id(row["Label"], path=path, row=int(row["_line"]), sample_id=sid)
+        return Sample(id=sid, text=row["Text"], label=label)
+
+    def samples_from_rows(self, rows: list[dict[str, str]], path: Path, *, split: str,
+                          problems: list[str] | None = None) -> list[Sample]:
+        samples = super().samples_from_rows(rows, path, split=split, problems=problems)
         if self.cfg.context:
-            prev_of = self._previous_turns(rows, path)
             text = {s.id: s.text for s in samples}
+            prev_of = {k: v for k, v in self._previous_turns(rows, path, problems).items() if v in text}
             for s in samples:
                 s.context = text[prev_of[s.id]] if s.id in prev_of else None
             self._prev_of[split] = prev_of
         return samples
 
     @staticmethod
-    def _previous_turns(rows: list[dict[str, str]], path: Path) -> dict[str, str]:
+    def _previous_turns(rows: list[dict[str, str]], path: Path, problems: list[str] | None = None
+                        ) -> dict[str, str]:
         """sample id -> id of the same speaker's previous utterance in the same dialogue."""
         turns: dict[tuple[str, str], list[tuple[int, str]]] = {}
         for r in rows:
@@ -166,8 +168,12 @@ class MIntRec2Reader(DatasetReader):
             try:
                 utt = int(r["Utterance_id"])
             except ValueError:
-                raise DataError(f"{path}: line {r['_line']} (sample {sid}): Utterance_id {r['Utterance_id']!r} "
-                                "is not an integer; multi-turn mode orders a dialogue's turns by it") from None
+                msg = (f"{path}: line {r['_line']} (sample {sid}): Utterance_id {r['Utterance_id']!r} "
+                       "is not an integer; multi-turn mode orders a dialogue's turns by it")
+                if problems is None:
+                    raise DataError(msg) from None
+                problems.append(msg)
+                continue
             if r["speaker_name"]:  # an unnamed speaker cannot be matched to earlier turns
                 turns.setdefault((r["Dialogue_id"], r["speaker_name"]), []).append((utt, sid))
         prev_of = {}

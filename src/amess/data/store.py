@@ -11,14 +11,34 @@ Layout of a store (one folder, one or more modalities, e.g. ``video`` and ``audi
     <store>/<name>.bin           all samples' kept frames, concatenated, row-major,
                                  shape (total_rows, dim), float16 (default) or float32
     <store>/<name>.index.json    {"ids": [...], "offset": [...], "length": [...],
-                                  "orig_length": [...]}   (offsets and lengths in rows)
+                                  "orig_length": [...], "crc32": [...]}
+                                 (offsets and lengths in rows; crc32 of each sample's bytes)
 
 A manifest entry records: ``version``, ``dtype``, ``dim``, ``num_samples``, ``num_rows``,
 ``max_len`` (truncation applied at conversion, or null), ``source`` (path, size,
 mtime_ns, sha256 of the source pickle; null for a generator without one), ``bin_sha256``
-(of the written .bin), ``ids_sha256`` (of the id filter, or null) and ``complete``.
-``complete`` is true only once the .bin and index are in place; a store whose entry is
-missing or incomplete is refused by `open_store`.
+(of the written .bin), ``index_sha256`` (of the index file), ``ids_sha256`` (of the id
+filter, or null) and ``complete``. ``complete`` is true only once the .bin and index are
+in place; a store whose entry is missing or incomplete is refused by `open_store`.
+
+What is written is checked: every sample goes through `safe_pickle.to_numpy`, so NaN / inf,
+complex values, strings and (for float16 stores) values float16 would turn into inf stop
+the conversion with a `DataError` naming the source and the sample.
+
+Integrity
+---------
+Opening a store (`open_store`) checks, cheaply: the manifest entry's fields, the .bin's
+size, the index file's sha256 against the manifest (an edited index, e.g. swapped ids, is
+refused), the index's consistency (contiguous offsets covering the .bin, lengths within
+the original lengths and max_len, unique ids), and that the source pickle, where it still
+exists at its recorded path, has the recorded size and mtime (else the store is stale and
+refused). Each sample's bytes are checked against their crc32 the first time it is read,
+so a changed byte in the .bin is refused naming the sample. `verify_store` re-hashes
+everything. Every such refusal is a `StoreError` (a `DataError`) that says to run
+`amess data convert`, which repairs: a store whose index or data no longer match their
+recorded hashes, or whose source's content changed, is converted again instead of being
+skipped. A source that was only touched (same size and sha256, new mtime) is not
+reconverted; its new mtime is recorded.
 
 Conversion and memory
 ---------------------
@@ -48,7 +68,7 @@ and when the conversion is interrupted by an exception. What resumes:
   byte-identical to one written without interruption. Generators that are expensive
   can call `partial_ids` and skip the journaled ids themselves.
 * different parameters, or `resume=False`, discard the partial files and start afresh.
-* a complete store whose source (size, mtime, sha256) and parameters match is not
+* a complete, intact store whose source (size, sha256) and parameters match is not
   rewritten at all (`convert_pickle` returns ``skipped=True`` without loading the pickle).
 
 Only at the end are the files moved into place with `os.replace` (index and .bin first,
@@ -66,35 +86,38 @@ import mmap
 import os
 import re
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from amess.data.errors import DataError
 from amess.data.safe_pickle import load_compact, to_numpy
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: per-sample crc32 in the index, index_sha256 in the manifest
 STORE_FORMAT = "amess-feature-store"
 MANIFEST = "manifest.json"
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CHUNK = 1 << 22  # 4 MiB for hashing
 _WRITE_BUFFER = 1 << 22
-_F16_MAX = float(np.finfo(np.float16).max)
 _RELEASE_EVERY = (32 << 20, 16)  # release the mapping's pages after this many bytes or reads
 
 
 
 __all__ = [
     "StoreError", "IncompleteStoreError", "MemmapFeatures", "convert_pickle", "convert_arrays",
-    "open_store", "verify_store", "read_manifest", "partial_ids", "STORE_VERSION",
+    "open_store", "verify_store", "read_manifest", "partial_ids", "store_fingerprint", "sha256_file",
+    "STORE_VERSION",
 ]
 
 
-class StoreError(RuntimeError):
-    """A feature store is missing, malformed or inconsistent."""
+class StoreError(DataError, RuntimeError):
+    """A feature store is missing, malformed, inconsistent or stale (bad input data: the CLI
+    reports it in one line; `amess data convert` repairs it)."""
 
 
 class IncompleteStoreError(StoreError):
@@ -125,7 +148,7 @@ def _check_dtype(dtype: Any) -> str:
     return key
 
 
-def _sha256_file(path: Path, limit: int | None = None) -> str:
+def sha256_file(path: Path, limit: int | None = None) -> str:
     """sha256 of a file (or of its first `limit` bytes), read in 4 MiB chunks."""
     h = hashlib.sha256()
     remaining = limit
@@ -148,10 +171,11 @@ def _ids_sha256(ids: Iterable[str] | None) -> str | None:
 
 
 def _source_key(source: Mapping[str, Any] | None) -> dict | None:
-    """The part of a source description that identifies its content (the path may move)."""
+    """The part of a source description that identifies its content (size and sha256: the
+    path may move, and a copy or a `touch` changes the mtime but not the content)."""
     if source is None:
         return None
-    return {k: v for k, v in source.items() if k != "path"}
+    return {k: v for k, v in source.items() if k not in ("path", "mtime_ns")}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -209,7 +233,20 @@ def read_manifest(store_dir: str | Path) -> dict:
 
 def _update_entry(store_dir: Path, name: str, entry: dict | None) -> None:
     with _manifest_lock(store_dir):
-        data = read_manifest(store_dir)
+        try:
+            data = read_manifest(store_dir)
+        except StoreError as e:  # conversion is the repair: an old or unreadable manifest is replaced
+            path = store_dir / MANIFEST
+            try:
+                other = json.loads(path.read_text(encoding="utf-8"))
+                foreign = not isinstance(other, dict) or other.get("format") != STORE_FORMAT
+            except (OSError, ValueError):
+                foreign = False  # unreadable: a damaged manifest of ours
+            if foreign:
+                raise StoreError(f"{path}: a manifest.json that is not an amess feature store's is in the "
+                                 "way; convert into another folder") from e
+            logger.warning("%s; starting a new manifest (every modality is converted again)", e)
+            data = {"format": STORE_FORMAT, "version": STORE_VERSION, "modalities": {}}
         if entry is None:
             data["modalities"].pop(name, None)
         else:
@@ -223,8 +260,12 @@ def _params(dtype: str, max_len: int | None, ids: Iterable[str] | None,
             "source_key": json.loads(json.dumps(_source_key(source))), "version": STORE_VERSION}
 
 
-def _up_to_date(store_dir: Path, name: str, params: dict) -> dict | None:
-    """The manifest entry if a complete store with these parameters is already there."""
+def _up_to_date(store_dir: Path, name: str, params: dict, *, verify_data: bool = True) -> dict | None:
+    """The manifest entry if a complete, intact store with these parameters is already there.
+
+    Intact: the .bin has the recorded size, the index file its recorded sha256, and (with
+    `verify_data`, which reads the whole .bin) the .bin its recorded sha256. A damaged store
+    is logged and converted again (that is how `amess data convert` repairs one)."""
     try:
         entry = read_manifest(store_dir)["modalities"].get(name)
     except StoreError:
@@ -235,17 +276,60 @@ def _up_to_date(store_dir: Path, name: str, params: dict) -> dict | None:
             params["dtype"], params["max_len"], params["ids_sha256"], params["source_key"]):
         return None
     p = _paths(store_dir, name)
-    itemsize = np.dtype(entry["dtype"]).itemsize
-    if not p["index"].exists() or not p["bin"].exists() or \
-            p["bin"].stat().st_size != entry["num_rows"] * entry["dim"] * itemsize:
+    try:
+        damage = _entry_problem(entry)
+        if damage is None and (not p["index"].exists() or not p["bin"].exists()):
+            damage = "its index or data file is missing"
+        if damage is None and p["bin"].stat().st_size != entry["num_rows"] * entry["dim"] * np.dtype(
+                entry["dtype"]).itemsize:
+            damage = f"{p['bin'].name} has the wrong size"
+        if damage is None and sha256_file(p["index"]) != entry.get("index_sha256"):
+            damage = f"{p['index'].name} changed since conversion"
+        if damage is None and verify_data and sha256_file(p["bin"]) != entry.get("bin_sha256"):
+            damage = f"{p['bin'].name} changed since conversion (sha256 differs)"
+    except OSError as e:
+        damage = f"unreadable ({e})"
+    if damage is not None:
+        logger.warning("%s/%s: %s; converting it again", store_dir, name, damage)
         return None
     return entry
+
+
+def _entry_problem(entry: Mapping[str, Any]) -> str | None:
+    """What is malformed in a complete manifest entry, or None."""
+    for key, kind in (("dim", int), ("num_rows", int), ("num_samples", int), ("dtype", str),
+                      ("index_sha256", str), ("bin_sha256", str)):
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            return f"the manifest entry's {key!r} is missing or not a {kind.__name__}"
+    if entry["dtype"] not in _DTYPES or min(entry["dim"], entry["num_rows"], entry["num_samples"]) < 0:
+        return "the manifest entry's dtype, dim or sizes are invalid"
+    max_len = entry.get("max_len")
+    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 1):
+        return "the manifest entry's max_len is invalid"
+    return None
 
 
 def _source_info(src: Path) -> dict:
     st = src.stat()
     return {"path": str(src.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256": _sha256_file(src)}
+            "sha256": sha256_file(src)}
+
+
+def _stale_source(entry: Mapping[str, Any]) -> str | None:
+    """Why the entry's source pickle no longer matches the store (its size or mtime changed),
+    or None (also when it was moved or deleted: then nothing can be compared)."""
+    src = entry.get("source")
+    if not isinstance(src, dict) or not isinstance(src.get("path"), str):
+        return None
+    try:
+        st = Path(src["path"]).stat()
+    except OSError:
+        return None
+    if st.st_size != src.get("size"):
+        return f"its source {src['path']} changed since conversion (size {src.get('size')} -> {st.st_size} bytes)"
+    if st.st_mtime_ns != src.get("mtime_ns"):
+        return f"its source {src['path']} changed since conversion (modified again; same size)"
+    return None
 
 
 # --------------------------------------------------------------------------- journal
@@ -276,7 +360,7 @@ def _read_journal(paths: dict[str, Path], params: dict) -> list[dict] | None:
     for line in lines[1:]:
         try:
             e = json.loads(line)
-            ok = isinstance(e, dict) and {"id", "rows", "orig", "dim", "end"} <= e.keys()
+            ok = isinstance(e, dict) and {"id", "rows", "orig", "dim", "end", "crc"} <= e.keys()
         except ValueError:
             ok = False
         if not ok:
@@ -317,6 +401,8 @@ def convert_arrays(
     total: int | None = None,
     resume: bool = True,
     checkpoint_every: int = 64,
+    verify: bool = True,
+    check_existing: bool = True,
 ) -> dict:
     """Write `(sample_id, features)` pairs to `<store_dir>/<name>.bin` one at a time.
 
@@ -325,8 +411,12 @@ def convert_arrays(
     video). Each is truncated to `max_len` rows and stored as `dtype` ("float16" or
     "float32"); the original row count is kept in the index. `ids`, if given, keeps only
     those samples. `source` describes where the arrays come from (recorded in the
-    manifest; with it, an already complete identical store is skipped). `total` is only
-    for progress messages.
+    manifest; with it, an already complete identical store is skipped, unless it is
+    damaged; `verify=False` checks only sizes and the index hash then, not the whole .bin;
+    `check_existing=False` skips that check, for callers that made it already).
+    `total` is only for progress messages. Every sample goes through `to_numpy`: one that is
+    not finite, not real, or (float16) beyond float16's range stops the conversion with a
+    `DataError` naming the source and the sample.
 
     Resumes an interrupted conversion with the same parameters (see the module docstring);
     `resume=False` always starts afresh. Returns the manifest entry plus `name`,
@@ -346,8 +436,8 @@ def convert_arrays(
     paths = _paths(store_dir, name)
     src_label = str(source.get("path", "<arrays>")) if source else "<arrays>"
 
-    if source is not None:
-        done_entry = _up_to_date(store_dir, name, params)
+    if source is not None and check_existing:
+        done_entry = _up_to_date(store_dir, name, params, verify_data=verify)
         if done_entry is not None:
             logger.info("%s: store %s/%s is up to date; skipped", src_label, store_dir, name)
             return {**done_entry, "name": name, "store_dir": str(store_dir), "skipped": True,
@@ -386,12 +476,12 @@ def convert_arrays(
     out_ids = [e["id"] for e in entries]
     rows_kept = [int(e["rows"]) for e in entries]
     rows_orig = [int(e["orig"]) for e in entries]
+    crcs = [int(e["crc"]) for e in entries]
     seen = set(out_ids)
     done = set(out_ids)
     dim = next((int(e["dim"]) for e in reversed(entries) if e["dim"]), 0)
     byte_end = entries[-1]["end"] if entries else 0
     pending: list[str] = []
-    overflow = 0
     last_log = time.monotonic()
 
     bin_f = open(paths["partial"], "ab", buffering=_WRITE_BUFFER)
@@ -414,21 +504,21 @@ def convert_arrays(
                 done.discard(sid)  # written before the interruption: not converted again
                 continue
             if sid in seen:
-                raise ValueError(f"{src_label}: sample id {sid!r} occurs twice")
-            arr = to_numpy(value, path=src_label, sample_id=sid)
+                raise DataError(f"{src_label}: sample id {sid!r} occurs twice; expected one entry per sample")
+            # refuses NaN / inf, complex, strings, and values the store's dtype would make inf
+            arr = to_numpy(value, path=src_label, sample_id=sid, store_dtype=np_dtype)
             del value
             orig = int(arr.shape[0])
             if orig > 0:
                 if dim == 0:
                     dim = int(arr.shape[1])
                 elif arr.shape[1] != dim:
-                    raise ValueError(f"{src_label}: sample {sid!r} has width {arr.shape[1]}, "
-                                     f"earlier samples have {dim}")
+                    raise DataError(f"{src_label}: sample {sid!r} has width {arr.shape[1]}, "
+                                    f"earlier samples have {dim}")
             kept = arr[:max_len] if max_len is not None else arr
-            if np_dtype == np.float16 and kept.size and float(np.abs(kept).max()) > _F16_MAX:
-                overflow += 1
             out = np.ascontiguousarray(kept, dtype=np_dtype)
             del arr, kept
+            crc = zlib.crc32(out.data) if out.size else 0
             if out.size:
                 bin_f.write(out.data)
                 hasher.update(out.data)
@@ -439,8 +529,9 @@ def convert_arrays(
             out_ids.append(sid)
             rows_kept.append(n_kept)
             rows_orig.append(orig)
-            pending.append(json.dumps({"id": sid, "rows": n_kept, "orig": orig, "dim": dim, "end": byte_end},
-                                      sort_keys=True) + "\n")
+            crcs.append(crc)
+            pending.append(json.dumps({"id": sid, "rows": n_kept, "orig": orig, "dim": dim, "end": byte_end,
+                                       "crc": crc}, sort_keys=True) + "\n")
             count += 1
             if len(pending) >= checkpoint_every:
                 checkpoint()
@@ -455,15 +546,12 @@ def convert_arrays(
             checkpoint()
         bin_f.close()
         journal_f.close()
-        logger.warning("%s -> %s/%s: conversion interrupted after %d samples; rerun to resume",
+        logger.warning("%s -> %s/%s: conversion stopped after %d samples; rerun to resume",
                        src_label, store_dir, name, len(out_ids))
         raise
     bin_f.close()
     journal_f.close()
 
-    if overflow:
-        logger.warning("%s: %d sample(s) exceed the float16 range and were stored as inf; "
-                       "convert with dtype='float32'", src_label, overflow)
     missing = len(wanted - seen) if wanted is not None else 0
     if missing:
         logger.warning("%s: %d requested id(s) are not in the source, e.g. %s", src_label, missing,
@@ -473,14 +561,16 @@ def convert_arrays(
     num_rows = int(sum(rows_kept))
     if byte_end != num_rows * dim * np_dtype.itemsize:  # pragma: no cover - internal invariant
         raise StoreError(f"{store_dir}/{name}: wrote {byte_end} bytes for {num_rows} rows of width {dim}")
-    index = {"ids": out_ids, "offset": offsets, "length": rows_kept, "orig_length": rows_orig}
-    _atomic_write_text(paths["index"], json.dumps(index, separators=(",", ":")) + "\n")
+    index = {"ids": out_ids, "offset": offsets, "length": rows_kept, "orig_length": rows_orig, "crc32": crcs}
+    index_text = json.dumps(index, separators=(",", ":")) + "\n"
+    _atomic_write_text(paths["index"], index_text)
     os.replace(paths["partial"], paths["bin"])
     _fsync_dir(store_dir)
     entry = {
         "complete": True, "version": STORE_VERSION, "dtype": dtype, "dim": dim, "num_samples": len(out_ids),
         "num_rows": num_rows, "max_len": max_len, "source": dict(source) if source else None,
         "ids_sha256": params["ids_sha256"], "bin_sha256": hasher.hexdigest(),
+        "index_sha256": hashlib.sha256(index_text.encode("utf-8")).hexdigest(),
         "bin_file": paths["bin"].name, "index_file": paths["index"].name,
     }
     _update_entry(store_dir, name, entry)
@@ -503,6 +593,7 @@ def convert_pickle(
     ids: Iterable[str] | None = None,
     progress: bool = True,
     resume: bool = True,
+    verify: bool = True,
 ) -> dict:
     """Convert one feature pickle (dict sample_id -> `(T, d)` features) into the store.
 
@@ -512,18 +603,23 @@ def convert_pickle(
     are then popped from the dict and written one by one, so memory falls during the pass. Convert one
     modality per call.
 
-    The source's size, mtime and sha256 are checked first: if the store already holds a
-    complete conversion of the same content with the same `dtype`, `max_len` and `ids`,
-    nothing is loaded and the result has `skipped=True`. See `convert_arrays` for the
-    return value and resuming.
+    The source's size and sha256 are checked first: if the store already holds a complete,
+    intact conversion of the same content with the same `dtype`, `max_len` and `ids`, nothing
+    is loaded and the result has `skipped=True` (a new mtime of the same content is recorded).
+    A damaged store (index or data changed since conversion; with `verify=False` only the
+    index and sizes are checked, not the whole .bin) is converted again. See
+    `convert_arrays` for the return value and resuming.
     """
     src = Path(src)
     dtype = _check_dtype(dtype)
     wanted = {str(i) for i in ids} if ids is not None else None
     source = _source_info(src)
     params = _params(dtype, max_len, wanted, source)
-    entry = _up_to_date(Path(store_dir), name, params)
+    entry = _up_to_date(Path(store_dir), name, params, verify_data=verify)
     if entry is not None:
+        if entry.get("source") != source:  # the same content, touched or moved: record where and when
+            entry = {**entry, "source": source}
+            _update_entry(Path(store_dir), name, entry)
         logger.info("%s: store %s/%s is up to date; skipped", src, store_dir, name)
         return {**entry, "name": name, "store_dir": str(store_dir), "skipped": True, "resumed_samples": 0,
                 "missing_ids": 0, "seconds": 0.0}
@@ -531,7 +627,7 @@ def convert_pickle(
     # arrays are cast to the store's dtype as they are unpickled (never the whole file at float32)
     raw = load_compact(src, np.dtype(dtype))
     if not isinstance(raw, dict):
-        raise ValueError(f"{src}: expected a dict sample_id -> features, got {type(raw).__name__}")
+        raise DataError(f"{src}: expected a dict sample_id -> features, got {type(raw).__name__}")
     st = src.stat()
     if (st.st_size, st.st_mtime_ns) != (source["size"], source["mtime_ns"]):
         raise StoreError(f"{src}: the file changed while it was being converted; run the conversion again")
@@ -547,7 +643,7 @@ def convert_pickle(
 
     try:
         return convert_arrays(pop_items(), store_dir, name, dtype=dtype, max_len=max_len, ids=wanted,
-                              source=source, progress=progress, total=total, resume=resume)
+                              source=source, progress=progress, total=total, resume=resume, check_existing=False)
     finally:
         raw.clear()
 
@@ -562,6 +658,12 @@ class MemmapFeatures:
     mapping is opened lazily and dropped when pickled, so DataLoader workers receive only
     the (small) index and reopen the file themselves.
 
+    Opening checks what is cheap (see the module docstring, "Integrity"): the manifest
+    entry, the .bin's size, the index's sha256 and consistency, and (`check_source`) that the
+    source pickle has not changed since conversion. The first `get` of each sample checks its
+    bytes against the crc32 recorded at conversion (one pass over data that is being read
+    anyway); any mismatch raises a `StoreError` naming the sample.
+
     `release_pages`: pages of a file mapping count toward the process's RSS once touched
     and stay resident until the kernel needs the memory, so a full epoch would show an RSS
     as large as the store. With this on (default, where the platform has `madvise`), the
@@ -570,21 +672,27 @@ class MemmapFeatures:
     """
 
     def __init__(self, store_dir: str | Path, name: str, *, max_len: int | None = None,
-                 release_pages: bool = True):
+                 release_pages: bool = True, check_source: bool = True):
         _check_name(name)
         self.store_dir = Path(store_dir)
         self.name = name
         paths = _paths(self.store_dir, name)
         self.path = str(paths["bin"])
-        hint = (f"run `amess data convert` to build (or finish) the store in {self.store_dir}")
+        hint = f"run `amess data convert` to build (or finish, or repair) the store in {self.store_dir}"
         if not paths["manifest"].exists():
             raise IncompleteStoreError(f"{self.store_dir}: no feature store here (no {MANIFEST}); {hint}")
         entry = read_manifest(self.store_dir)["modalities"].get(name)
         if entry is None:
             raise IncompleteStoreError(f"{self.store_dir}: the store has no modality {name!r}; {hint}")
-        if not entry.get("complete"):
+        if not isinstance(entry, dict) or not entry.get("complete"):
             raise IncompleteStoreError(f"{self.store_dir}: modality {name!r} is incomplete (its conversion "
                                        f"never finished or was interrupted); {hint}")
+        bad = _entry_problem(entry)
+        if bad:
+            raise StoreError(f"{paths['manifest']}: modality {name!r}: {bad}; {hint}")
+        stale = _stale_source(entry) if check_source else None
+        if stale:
+            raise StoreError(f"{self.store_dir}/{name}: {stale}, so the store may hold old features; {hint}")
         self.manifest = entry
         self.dim = int(entry["dim"])
         self.dtype = np.dtype(entry["dtype"])
@@ -595,18 +703,26 @@ class MemmapFeatures:
             have = paths["bin"].stat().st_size if paths["bin"].exists() else "no file"
             raise StoreError(f"{self.path}: expected {expected} bytes, found {have}; the store is damaged, {hint}")
         try:
-            index = json.loads(paths["index"].read_text(encoding="utf-8"))
+            raw = paths["index"].read_bytes()
+        except OSError as e:
+            raise StoreError(f"{paths['index']}: unreadable index ({e}); {hint}") from e
+        if hashlib.sha256(raw).hexdigest() != entry["index_sha256"]:
+            raise StoreError(f"{paths['index']}: the index changed since conversion (its sha256 differs from "
+                             f"the manifest's); the store is damaged, {hint}")
+        try:
+            index = json.loads(raw.decode("utf-8"))
             self._ids: list[str] = [str(i) for i in index["ids"]]
             self._offset = np.asarray(index["offset"], dtype=np.int64)
             self._length = np.asarray(index["length"], dtype=np.int64)
             self._orig = np.asarray(index["orig_length"], dtype=np.int64)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            self._crc = np.asarray(index["crc32"], dtype=np.int64)
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
             raise StoreError(f"{paths['index']}: unreadable index ({e}); {hint}") from e
-        if not (len(self._ids) == len(self._offset) == len(self._length) == len(self._orig)
-                == int(entry["num_samples"])) or (len(self._ids) and int(
-                    (self._offset + self._length).max()) > self._rows):
-            raise StoreError(f"{paths['index']}: index does not match the manifest; {hint}")
+        problem = _index_problem(self._ids, self._offset, self._length, self._orig, self._crc, entry)
+        if problem:
+            raise StoreError(f"{paths['index']}: {problem}; {hint}")
         self._pos = {sid: i for i, sid in enumerate(self._ids)}
+        self._checked = np.zeros(len(self._ids), dtype=bool)  # samples whose crc32 was verified
         self._release = release_pages and hasattr(mmap, "MADV_DONTNEED")
         self._row_bytes = self.dim * self.dtype.itemsize
         self._touched = self._reads = 0
@@ -664,6 +780,8 @@ class MemmapFeatures:
         if n == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         mm = self._map()
+        if not self._checked[i]:
+            self._verify(i, mm)
         out = mm[off:off + n].astype(np.float32)  # astype copies: nothing refers to the map afterwards
         if self._release:
             self._touched += n * self._row_bytes
@@ -671,6 +789,16 @@ class MemmapFeatures:
             if self._touched >= _RELEASE_EVERY[0] or self._reads >= _RELEASE_EVERY[1]:
                 self._release_pages(mm)
         return out
+
+    def _verify(self, i: int, mm: np.memmap) -> None:
+        """Check sample i's stored bytes (all its rows, whatever this view's max_len) against the
+        crc32 recorded at conversion."""
+        off, n = int(self._offset[i]), int(self._length[i])
+        if zlib.crc32(mm[off:off + n]) != int(self._crc[i]):
+            raise StoreError(f"{self.path}: sample {self._ids[i]}: its stored bytes changed since conversion "
+                             "(crc32 mismatch); the store is damaged, run `amess data convert` to repair it "
+                             f"in {self.store_dir}")
+        self._checked[i] = True
 
     def _release_pages(self, mm: np.memmap) -> None:
         """Unmap every resident page of the mapping (file-backed and read-only, so nothing is
@@ -699,16 +827,33 @@ class MemmapFeatures:
 
 
 def open_store(store_dir: str | Path, name: str, max_len: int | None = None) -> MemmapFeatures:
-    """Open one modality of a complete store; refuses incomplete or damaged stores."""
+    """Open one modality of a complete store; refuses incomplete, damaged or stale stores."""
     return MemmapFeatures(store_dir, name, max_len=max_len)
+
+
+def _index_problem(ids: list[str], off: np.ndarray, ln: np.ndarray, orig: np.ndarray, crc: np.ndarray,
+                   entry: Mapping[str, Any]) -> str | None:
+    """What is inconsistent in an index (against itself and the manifest entry), or None."""
+    n = len(ids)
+    if not (n == len(off) == len(ln) == len(orig) == len(crc) == int(entry["num_samples"])):
+        return f"the index lists {n} ids (with {len(off)} offsets), the manifest {entry['num_samples']} samples"
+    if n and (off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1]) or int(off[-1] + ln[-1]) != entry["num_rows"]):
+        return f"the index offsets are not contiguous over the {entry['num_rows']} rows"
+    max_len = entry.get("max_len")
+    if n and (np.any(ln < 0) or np.any(ln > orig) or (max_len is not None and np.any(ln > max_len))):
+        return "the index lengths exceed the original lengths or max_len"
+    if len(set(ids)) != n:
+        return "the index has duplicate ids"
+    return None
 
 
 def verify_store(store_dir: str | Path, *, check_source: bool = False) -> list[str]:
     """Check every modality of a store; returns a list of problems (empty when sound).
 
-    Re-hashes each .bin against the manifest's sha256 and checks file sizes and the index.
-    A source file that still exists at its recorded path but whose size or mtime changed is
-    reported as stale; with `check_source=True` its sha256 is recomputed as well.
+    Re-hashes each .bin against the manifest's sha256 (naming the damaged samples by their
+    crc32 when it differs), checks file sizes, the index's sha256 and consistency. A source
+    file that still exists at its recorded path but whose size or mtime changed is reported
+    as stale; with `check_source=True` its sha256 is recomputed as well.
     """
     store_dir = Path(store_dir)
     problems: list[str] = []
@@ -722,46 +867,68 @@ def verify_store(store_dir: str | Path, *, check_source: bool = False) -> list[s
         problems.append(f"{store_dir}: the manifest lists no modalities")
     for name, entry in sorted(manifest["modalities"].items()):
         where = f"{store_dir}/{name}"
-        if not entry.get("complete"):
+        if not isinstance(entry, dict) or not entry.get("complete"):
             problems.append(f"{where}: incomplete (conversion unfinished or interrupted)")
             continue
-        paths = _paths(store_dir, name)
-        try:
-            itemsize = np.dtype(entry["dtype"]).itemsize
-            expected = int(entry["num_rows"]) * int(entry["dim"]) * itemsize
-        except (KeyError, TypeError) as e:
-            problems.append(f"{where}: manifest entry lacks {e}")
+        bad = _entry_problem(entry)
+        if bad:
+            problems.append(f"{where}: {bad}")
             continue
+        paths = _paths(store_dir, name)
+        index = None
+        try:
+            raw = paths["index"].read_bytes()
+            if hashlib.sha256(raw).hexdigest() != entry["index_sha256"]:
+                problems.append(f"{where}: {paths['index'].name} changed since conversion (sha256 differs)")
+            index = json.loads(raw.decode("utf-8"))
+            arrays = [np.asarray(index[k], dtype=np.int64) for k in ("offset", "length", "orig_length", "crc32")]
+            ids = [str(i) for i in index["ids"]]
+        except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
+            problems.append(f"{where}: index unreadable ({e})")
+            index = None
+        else:
+            problem = _index_problem(ids, *arrays, entry)
+            if problem:
+                problems.append(f"{where}: {problem}")
+                index = None
+        expected = entry["num_rows"] * entry["dim"] * np.dtype(entry["dtype"]).itemsize
         if not paths["bin"].exists():
             problems.append(f"{where}: {paths['bin'].name} is missing")
         elif paths["bin"].stat().st_size != expected:
             problems.append(f"{where}: {paths['bin'].name} has {paths['bin'].stat().st_size} bytes, "
                             f"expected {expected}")
-        elif _sha256_file(paths["bin"]) != entry.get("bin_sha256"):
-            problems.append(f"{where}: {paths['bin'].name} sha256 differs from the manifest (corrupted)")
-        try:
-            index = json.loads(paths["index"].read_text(encoding="utf-8"))
-            off = np.asarray(index["offset"], dtype=np.int64)
-            ln = np.asarray(index["length"], dtype=np.int64)
-            orig = np.asarray(index["orig_length"], dtype=np.int64)
-            n_ids = len(index["ids"])
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            problems.append(f"{where}: index unreadable ({e})")
-        else:
-            if not (n_ids == len(off) == len(ln) == len(orig) == entry.get("num_samples")):
-                problems.append(f"{where}: index has {n_ids} ids, manifest says {entry.get('num_samples')}")
-            elif n_ids and (off[0] != 0 or np.any(off[1:] != off[:-1] + ln[:-1])
-                            or int(off[-1] + ln[-1]) != entry["num_rows"]):
-                problems.append(f"{where}: index offsets are not contiguous over {entry['num_rows']} rows")
-            elif np.any(ln > orig) or (entry.get("max_len") is not None and np.any(ln > entry["max_len"])):
-                problems.append(f"{where}: index lengths exceed the original lengths or max_len")
-            if len(set(index["ids"])) != n_ids:
-                problems.append(f"{where}: index has duplicate ids")
-        src = entry.get("source")
-        if src and src.get("path") and Path(src["path"]).exists():
-            st = Path(src["path"]).stat()
-            if (st.st_size, st.st_mtime_ns) != (src.get("size"), src.get("mtime_ns")):
-                problems.append(f"{where}: source {src['path']} changed since conversion (stale store)")
-            elif check_source and _sha256_file(Path(src["path"])) != src.get("sha256"):
-                problems.append(f"{where}: source {src['path']} sha256 differs from the manifest")
+        elif sha256_file(paths["bin"]) != entry["bin_sha256"]:
+            damaged = ""
+            if index is not None:
+                off, ln, _, crc = arrays
+                mm = np.memmap(paths["bin"], dtype=np.dtype(entry["dtype"]), mode="r",
+                               shape=(entry["num_rows"], entry["dim"])) if entry["num_rows"] * entry["dim"] else None
+                bad_ids = [ids[k] for k in range(len(ids)) if ln[k] and mm is not None
+                           and zlib.crc32(mm[int(off[k]):int(off[k] + ln[k])]) != int(crc[k])]
+                del mm
+                damaged = f"; damaged samples: {bad_ids[:10]}" + (f" and {len(bad_ids) - 10} more"
+                                                                     if len(bad_ids) > 10 else "")
+            problems.append(f"{where}: {paths['bin'].name} sha256 differs from the manifest (corrupted){damaged}")
+        stale = _stale_source(entry)
+        if stale:
+            problems.append(f"{where}: {stale} (stale store)")
+        elif check_source and entry.get("source") and Path(entry["source"]["path"]).exists() and \
+                sha256_file(Path(entry["source"]["path"])) != entry["source"].get("sha256"):
+            problems.append(f"{where}: source {entry['source']['path']} sha256 differs from the manifest")
     return problems
+
+
+def store_fingerprint(store_dir: str | Path, name: str) -> str:
+    """What identifies one modality of a store's content: its recorded dtype, dim, rows,
+    max_len and data sha256, plus the sha256 of its index file as it is now (cheap: the
+    manifest and the index are read, not the data). `missing` or `incomplete` otherwise."""
+    store_dir = Path(store_dir)
+    try:
+        entry = read_manifest(store_dir)["modalities"].get(name)
+    except StoreError:
+        return "unreadable"
+    if not isinstance(entry, dict) or not entry.get("complete"):
+        return "missing" if entry is None else "incomplete"
+    index = _paths(store_dir, name)["index"]
+    index_sha = sha256_file(index) if index.is_file() else "missing"
+    return ":".join(str(entry.get(k)) for k in ("dtype", "dim", "num_rows", "max_len", "bin_sha256")) + f":{index_sha}"
