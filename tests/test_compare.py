@@ -28,8 +28,8 @@ def test_compare_tables_paired_differences_and_resume(tmp_path, synth_dir, tiny_
     # the paired difference is the mean of the per-seed differences, from the seed folders
     per = {m: [json.loads((out / m / f"seed_{s}" / "metrics.json").read_text())["metrics"]["test"]["acc"]
                for s in (0, 1)] for m in ("text", "amess")}
-    assert float(acc["amess"]["delta_mean"]) == pytest.approx(np.mean(np.subtract(per["amess"], per["text"])), abs=1e-6)
-    assert acc["text"]["delta_mean"] == "" and float(acc["amess"]["mean"]) == pytest.approx(np.mean(per["amess"]))
+    assert float(acc["amess"]["delta_mean"]) == pytest.approx(np.mean(np.subtract(per["amess"], per["text"])), abs=1e-5)
+    assert acc["text"]["delta_mean"] == "" and float(acc["amess"]["mean"]) == pytest.approx(np.mean(per["amess"]), abs=1e-5)
     amess_line = next(line for line in md.splitlines() if line.startswith("| amess |"))
     assert " M |" in amess_line  # parameter count column
     for f in ("compare_acc.pdf", "compare_acc.png", "compare_f1_macro.png"):
@@ -101,6 +101,8 @@ def test_figures_are_publishable():
     fig = plots.embedding_projection(rng.normal(size=(30, 4)), rng.integers(0, 4, 30), desc, list("wxyz"),
                                      method="pca")
     fig.canvas.draw()
-    boxes = [t.get_window_extent() for t in fig.axes[0].texts]
+    from matplotlib.text import Text
+
+    boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts]  # the words (an annotation's box includes its line)
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])

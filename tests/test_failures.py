@@ -111,3 +111,24 @@ def test_ood_reads_the_scores_the_method_predicts_with(tmp_path, synth_dir, tiny
     from amess.ood import softmax
 
     np.testing.assert_allclose(softmax(b.logits), res.scores, atol=1e-5)
+
+
+def test_a_run_on_changed_data_is_not_reused(tmp_path, synth_dir, tiny_encoder_dir, caplog):
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    out = tmp_path / "run"
+    args = ("--epochs", "1", "--max-steps", "1")
+    assert _train(out, data, tiny_encoder_dir, *args) == 0
+    rows = (data / "train.tsv").read_text().splitlines()
+    head, first = rows[0], rows[1].split("\t")
+    first[3] = first[3] + " indeed"
+    (data / "train.tsv").write_text("\n".join([head, "\t".join(first)] + rows[2:]) + "\n")
+    caplog.clear()
+    assert _train(out, data, tiny_encoder_dir, *args) == 2
+    assert "holds a run on other data" in caplog.records[-1].getMessage()
+    from amess.config import Config
+    from amess.training.runner import holds_other_run
+
+    cfg = Config.load(out / "config.yaml")
+    assert holds_other_run(out, cfg)  # callers that own their folders (ablate, compare, demo) re-run it
+    assert _train(out, data, tiny_encoder_dir, *args, "--overwrite") == 0 and not holds_other_run(out, cfg)

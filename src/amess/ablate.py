@@ -14,7 +14,8 @@ differences are less noisy than the two spreads): the mean ± std of the per-see
 differences. Otherwise it is the difference of the two means alone.
 
 Ablations are long, so a row whose folder already holds a `summary.json` written under the
-same resolved configuration is reused, not retrained. Settings that cannot change a result
+same resolved configuration and on the same data (`run.json`'s data fingerprint) is reused,
+not retrained. Settings that cannot change a result
 (`amess.training.runner.RESULT_NEUTRAL`: progress bars, threads, loader workers, plots) are left out of that
 comparison.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from amess import training as _train
-from amess.training.runner import comparable, holds_other_run
+from amess.training.runner import comparable, data_fingerprint, holds_other_run, saved_fingerprint
 from amess.config import Config, flag_overrides, parse_overrides
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,9 @@ def _finished(run_dir: Path, cfg: Config) -> dict | None:
         return None
     if _comparable(saved) != _comparable(cfg) or summary.get("seeds") != sorted(cfg.train.seeds):
         log.debug("%s: saved config or seeds differ; not reused", run_dir)
+        return None
+    if saved_fingerprint(run_dir) != data_fingerprint(cfg):
+        log.info("%s: the data changed since this row ran (fingerprint); not reused", run_dir)
         return None
     return summary
 

@@ -81,26 +81,6 @@ def method_bars(summaries: dict[str, dict], split: str, key: str) -> Figure:
     return fig
 
 
-def _spread(points: np.ndarray, min_dist: float, iters: int = 200) -> np.ndarray:
-    """Label positions near `points` (k, 2) pushed apart until no two are closer than
-    `min_dist` (in data units, y scaled like x), so that the names do not overlap."""
-    pos = points.astype(np.float64).copy() + np.array([min_dist * 0.3, min_dist * 0.2])
-    for _ in range(iters):
-        moved = False
-        for i in range(len(pos)):
-            for j in range(i + 1, len(pos)):
-                d = pos[j] - pos[i]
-                dist = float(np.hypot(*d))
-                if dist < min_dist:
-                    push = (d / dist if dist > 1e-12 else np.array([0.0, 1.0])) * (min_dist - dist) / 2
-                    pos[i] -= push
-                    pos[j] += push
-                    moved = True
-        if not moved:
-            break
-    return pos
-
-
 def _label_colours(c: int) -> list:
     """c distinct colours: tab10 / tab20 when they suffice, else evenly spaced on `turbo`."""
     if c <= 10:
@@ -116,6 +96,33 @@ def _pca2(x: np.ndarray) -> np.ndarray:
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     y = x @ vt[:2].T
     return np.pad(y, ((0, 0), (0, 2 - y.shape[1]))) if y.shape[1] < 2 else y
+
+
+def _declutter(fig: Figure, ax, texts: list, iters: int = 60) -> None:
+    """Move overlapping text labels apart vertically (in display space, so the check is on
+    the drawn boxes), each a little away from the one it collides with."""
+    if len(texts) < 2:
+        return
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    extent = lambda t: Text.get_window_extent(t, renderer).expanded(1.04, 1.2)  # noqa: E731 (the words, not the arrow)
+    for _ in range(iters):
+        moved = False
+        boxes = [extent(t) for t in texts]
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                if not boxes[i].overlaps(boxes[j]):
+                    continue
+                up = boxes[j].y0 >= boxes[i].y0
+                dy = (boxes[i].y1 - boxes[j].y0 + 1) if up else (boxes[i].y0 - boxes[j].y1 - 1)
+                x, y = ax.transData.transform(texts[j].xyann)
+                texts[j].xyann = tuple(ax.transData.inverted().transform((x, y + dy)))
+                boxes[j] = extent(texts[j])
+                moved = True
+        if not moved:
+            return
 
 
 def embedding_projection(z: np.ndarray, labels: np.ndarray, desc: np.ndarray | None, label_names: list[str],
@@ -169,13 +176,12 @@ def embedding_projection(z: np.ndarray, labels: np.ndarray, desc: np.ndarray | N
                    zorder=4)
         # a neutral proxy: the stars themselves carry every label's colour
         ax.scatter([], [], s=120, marker="*", color="white", edgecolors="black", label="label description")
-        # names pushed apart so that they never overlap, each tied to its star by a thin line
+        # names moved apart until no two overlap, each tied to its star by a thin line
         span = float(np.ptp(y, axis=0).max()) if len(y) > 1 else 1.0
-        spots = _spread(yd, 0.06 * span)
-        for k in range(c):
-            ax.annotate(label_names[k], yd[k], xytext=spots[k], textcoords="data", fontsize=8, zorder=5,
-                        path_effects=[pe.withStroke(linewidth=2.5, foreground="white")],
-                        arrowprops=dict(arrowstyle="-", color="0.4", linewidth=0.5, shrinkA=0, shrinkB=3))
+        names = [ax.annotate(label_names[k], yd[k], xytext=yd[k] + 0.02 * span, textcoords="data", fontsize=8,
+                             zorder=5, path_effects=[pe.withStroke(linewidth=2.5, foreground="white")],
+                             arrowprops=dict(arrowstyle="-", color="0.4", linewidth=0.5, shrinkA=0, shrinkB=3))
+                 for k in range(c)]
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_xlabel(f"{used} 1")
@@ -184,6 +190,8 @@ def embedding_projection(z: np.ndarray, labels: np.ndarray, desc: np.ndarray | N
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, ncol=1 if c <= 24 else 2,
               markerscale=1.0, frameon=False)
     fig.tight_layout()
+    if len(yd):
+        _declutter(fig, ax, names)
     return fig
 
 

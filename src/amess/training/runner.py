@@ -47,8 +47,12 @@ class RunFolderError(ValueError):
 
 
 def comparable(cfg: Config, *, seeds: bool = False) -> dict:
-    """The config as a dict without the result-neutral entries (and without the seeds)."""
+    """The config as a dict without the result-neutral entries, the settings of methods
+    other than the run's own (they cannot change its result), and the seeds."""
     d = cfg.to_dict()
+    for name in list(cfg.methods):
+        if name != cfg.model.method:
+            d.pop(name, None)
     for section, key in RESULT_NEUTRAL + (() if seeds else (("train", "seeds"),)):
         d[section].pop(key, None)
     return d
@@ -66,9 +70,34 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_out_dir(cfg: Config, out_dir: Path, *, overwrite: bool = False) -> None:
-    """Refuse an output folder that holds another run (naming what differs), a file, or
-    files that are not a run; with `overwrite`, remove the earlier run's files first."""
+RUN_FILE = "run.json"
+"""The run's data fingerprint (and the toolkit version), beside config.yaml."""
+
+
+def data_fingerprint(cfg: Config) -> str:
+    """The fingerprint of the data this run reads (`amess.data.fingerprint`; the feature
+    files of modalities the method does not read do not count)."""
+    from dataclasses import replace
+
+    from amess.data import fingerprint
+    from amess.training.data import read_modalities
+
+    return fingerprint(replace(cfg.data, modalities=read_modalities(cfg)))
+
+
+def saved_fingerprint(run_dir: Path) -> str | None:
+    import json
+
+    try:
+        return json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8")).get("data_fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_out_dir(cfg: Config, out_dir: Path, *, overwrite: bool = False, fingerprint: str | None = None) -> None:
+    """Refuse an output folder that holds another run (naming what differs: settings or the
+    data), a file, or files that are not a run; with `overwrite`, remove the earlier run's
+    files first."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunFolderError(f"--out {out_dir}: is a file, not a folder")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
@@ -84,7 +113,7 @@ def check_out_dir(cfg: Config, out_dir: Path, *, overwrite: bool = False) -> Non
         for p in out_dir.iterdir():
             if p.is_dir() and p.name.startswith("seed_"):
                 shutil.rmtree(p)
-            elif p.name in ("config.yaml", "summary.json"):
+            elif p.name in ("config.yaml", "summary.json", RUN_FILE):
                 p.unlink()
         return
     try:
@@ -97,6 +126,11 @@ def check_out_dir(cfg: Config, out_dir: Path, *, overwrite: bool = False) -> Non
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise RunFolderError(f"--out {out_dir}: holds a run with a different configuration ({shown}); use another "
                              "--out, or --overwrite to replace it")
+    old_fp = saved_fingerprint(out_dir)
+    if fingerprint is not None and old_fp is not None and old_fp != fingerprint:
+        raise RunFolderError(f"--out {out_dir}: holds a run on other data (the data fingerprint changed from "
+                             f"{old_fp[:12]} to {fingerprint[:12]}: a TSV or feature file was edited since); use "
+                             "another --out, or --overwrite to replace it")
 
 
 def holds_other_run(run_dir: Path, cfg: Config) -> bool:
@@ -104,9 +138,12 @@ def holds_other_run(run_dir: Path, cfg: Config) -> bool:
     their folders (ablation rows, the demo) replace such a run; one of the same
     configuration is extended or resumed instead."""
     try:
-        return comparable(Config.load(run_dir / "config.yaml")) != comparable(cfg)
+        if comparable(Config.load(run_dir / "config.yaml")) != comparable(cfg):
+            return True
     except (FileNotFoundError, ValueError):
         return (run_dir / "config.yaml").exists()
+    old_fp = saved_fingerprint(run_dir)
+    return old_fp is not None and old_fp != data_fingerprint(cfg)
 
 
 def peak_rss_mib() -> float:
@@ -232,9 +269,13 @@ def run(cfg: Config, out_dir: str | Path, *, overwrite: bool = False) -> dict:
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg)
     if accelerator.is_main_process:
-        check_out_dir(cfg, out_dir, overwrite=overwrite)
+        fp = data_fingerprint(cfg)
+        check_out_dir(cfg, out_dir, overwrite=overwrite, fingerprint=fp)
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(out_dir / "config.yaml")
+        from amess import __version__
+
+        write_json(out_dir / RUN_FILE, {"data_fingerprint": fp, "amess_version": __version__})
     accelerator.wait_for_everyone()
     per_seed = {}
     for seed in cfg.train.seeds:
