@@ -75,3 +75,28 @@ def test_method_sections_round_trip(tmp_path):
     c.save(tmp_path / "c.yaml")
     assert Config.load(tmp_path / "c.yaml") == c
     assert Config().override({"model.method": "amess"}).method_settings == Config().settings_for("amess")
+
+
+def test_random_configs_load_or_raise_a_value_error():
+    """Property: any mapping (random keys, values, nesting) either loads as a Config that
+    round-trips, or raises ValueError; nothing else escapes."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=True), st.text(max_size=8))
+    values = st.one_of(scalars, st.lists(scalars, max_size=3))
+    keys = st.sampled_from(["epochs", "lr", "seeds", "modalities", "method", "tau", "num_anchors", "patience",
+                            "dev_split", "monitor", "nope", "detectors", "precision", "task"])
+    sections = st.sampled_from(["data", "model", "train", "ood", "amess", "text", "bogus"])
+    configs = st.dictionaries(sections, st.one_of(st.dictionaries(keys, values, max_size=4), scalars), max_size=4)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(configs)
+    def check(d):
+        try:
+            c = Config.from_dict(d)
+        except ValueError:
+            return
+        assert Config.from_dict(c.to_dict()) == c
+
+    check()

@@ -30,11 +30,17 @@ def test_detectors_reported_per_detector_in_summary(tmp_path, synth2_dir, tiny_e
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     test = summary["test"]
-    assert 0.0 <= test["acc"]["mean"] <= 1.0  # in-scope metrics beside the OOD ones
+    from amess.training.evaluation import EvalResult, FittedDetector, score_detector
+
+    assert test["acc"]["n"] == 2  # in-scope metrics beside the OOD ones
+    spec = json.loads((out / "seed_0" / "model_spec.json").read_text())
+    res = EvalResult.load(out / "seed_0" / "outputs_test.npz", "test")
+    seed0 = json.loads((out / "seed_0" / "metrics.json").read_text())["metrics"]["test"]["ood"]
     for det in ("msp", "maxlogit", "energy", "mahalanobis", "doc", "desc_sim"):
+        again = score_detector(FittedDetector.from_state(spec["ood"][det]), res)[0]  # the saved detector
         for k in OOD_KEYS:
-            v = test["ood"][det][k]
-            assert 0.0 <= v["mean"] <= 1.0 and v["n"] == 2
+            assert test["ood"][det][k]["n"] == 2
+            assert seed0[det][k] == pytest.approx(again[k], abs=1e-9), (det, k)
         assert (out / "seed_0" / f"ood_scores_{det}.png").is_file()
     for plot in ("embeddings.png", "anchors.png", "training_curve.png", "confusion_matrix.png"):
         assert (out / "seed_0" / plot).is_file(), plot

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from amess.cli import main
 from amess.data.mintrec import MINTREC_LABELS
@@ -26,8 +27,12 @@ def test_holdout_labels_are_unseen_in_training_and_reported_apart(tmp_path, synt
         assert np.isin(z["labels"], held_ids).any()  # test keeps them
         assert z["scores"].shape[1] == 20
     test = json.loads((out / "summary.json").read_text())["test"]
-    for k in ("acc_seen", "acc_unseen", "acc_h"):
-        assert 0.0 <= test[k]["mean"] <= 1.0
+    with np.load(out / "seed_0" / "outputs_test.npz") as z:
+        unseen = np.isin(z["labels"], held_ids)
+        hit = z["scores"].argmax(1) == z["labels"]
+    s, u = hit[~unseen].mean(), hit[unseen].mean()
+    assert test["acc_seen"]["mean"] == pytest.approx(s) and test["acc_unseen"]["mean"] == pytest.approx(u)
+    assert test["acc_h"]["mean"] == pytest.approx(0.0 if s + u == 0 else 2 * s * u / (s + u))
 
 
 def test_unknown_holdout_label_is_rejected(tmp_path, synth_dir, tiny_encoder_dir, caplog):
