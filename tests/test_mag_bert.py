@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import pickle
 
 import numpy as np
@@ -234,8 +235,11 @@ def test_parameters_finite_after_loading_the_real_way(pooler_encoder_dir):
 def test_cli_train_then_predict(tmp_path, synth_dir, pooler_encoder_dir):
     from amess import load_run
 
+    data = tmp_path / "data"  # `auto` writes its store into the data folder: not into the shared fixture
+    shutil.copytree(synth_dir, data)
     out = tmp_path / "run"
-    assert _train(out, synth_dir, pooler_encoder_dir, "--feature-store", "auto") == 0
+    assert _train(out, data, pooler_encoder_dir, "--feature-store", "auto") == 0
+    assert (data / "amess_feature_store" / "manifest.json").is_file()
     spec = json.loads((out / "seed_0" / "model_spec.json").read_text())
     assert spec["method"] == "mag_bert" and spec["encoder"]["parts"] == ["pooler"]
     assert spec["settings"]["beta_shift"] is None and spec["feature_dims"] == {"video": 256, "audio": 768}

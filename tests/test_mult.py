@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -227,8 +228,11 @@ def _train(out, data_dir, enc, *extra):
 def test_cli_train_then_predict(tmp_path, synth_dir, tiny_encoder_dir):
     from amess import load_run
 
+    data = tmp_path / "data"  # `auto` writes its store into the data folder: not into the shared fixture
+    shutil.copytree(synth_dir, data)
     out = tmp_path / "run"
-    assert _train(out, synth_dir, tiny_encoder_dir, "--feature-store", "auto") == 0
+    assert _train(out, data, tiny_encoder_dir, "--feature-store", "auto") == 0
+    assert (data / "amess_feature_store" / "manifest.json").is_file()
     spec = json.loads((out / "seed_0" / "model_spec.json").read_text())
     assert spec["method"] == "mult" and spec["settings"]["dst_feature_dims"] == 16
     assert spec["feature_dims"] == {"video": 256, "audio": 768}
