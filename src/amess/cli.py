@@ -3,6 +3,7 @@
     amess data synth --out DIR [--dataset mintrec|mintrec2] [--seed S] [--size N]
     amess data check --dataset mintrec|mintrec2|custom --data-dir DIR [--modalities ...]
     amess data convert --dataset D --data-dir DIR --out STORE
+    amess data augment --dataset D --data-dir DIR --endpoint URL --model NAME [--n N] --out FILE.tsv
     amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [...]
     amess evaluate RUN_DIR [--split test]
     amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy]
@@ -324,6 +325,9 @@ def make_parser() -> argparse.ArgumentParser:
     v.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     v.add_argument("--no-progress", action="store_true")
     v.set_defaults(func=cmd_convert)
+    from amess.data.augment import add_cli as add_augment_cli
+
+    add_augment_cli(data)  # amess data augment: SDIF-DA's LLM paraphrases, offline
 
     t = sub.add_parser("train", help="train a method over one or more seeds")
     add_train_args(t)
