@@ -51,8 +51,12 @@ Deviations from the reference, each deliberate:
   --set train.encoder_lr=3e-5` matches its learning rate. `model.pooling` and
   `model.dropout` are not read (the reference has no dropout before `out_layer`).
 
-Reference values for MIntRec2.0 (thuiar/MIntRec2.0 `configs/single_turn/mult.py`), for
-`--set`: dst_feature_dims 80, nheads 2, n_levels 2, relu_dropout 0.3, the rest as here.
+The defaults are MIntRec's 20-class values (configs/mult_bert.py) for every task. Other
+reference values, for `--set mult.KEY=VALUE`: MIntRec binary (configs/mult_bert_bi.py):
+nheads 10, n_levels 5, attn_dropout 0.1, attn_dropout_v 0.1, relu_dropout 0.1,
+res_dropout 0.1, conv1d_kernel_size_a 2, the rest as here; MIntRec2.0 (thuiar/MIntRec2.0
+`configs/single_turn/mult.py`): dst_feature_dims 80, nheads 2, n_levels 2, relu_dropout 0.3,
+the rest as here.
 
 einops legend:
     b  batch       n  steps of the target sequence    k  steps of the source (key) sequence
