@@ -245,7 +245,8 @@ def test_train_then_predict_with_features(tmp_path, synth_dir, tiny_encoder_dir)
         assert z["pooled"].shape[1] == 3 * 16 and np.isfinite(z["pooled"]).all()
     rows = [line.split("\t") for line in (synth_dir / "test.tsv").read_text().splitlines()[1:4]]
     ids, texts = ["_".join(r[:3]) for r in rows], [r[3] for r in rows]
-    video, audio = safe_load(synth_dir / "video_data" / "video_feats.pkl"), safe_load(synth_dir / "audio_data" / "audio_feats.pkl")
+    video = safe_load(synth_dir / "video_data" / "video_feats.pkl")
+    audio = safe_load(synth_dir / "audio_data" / "audio_feats.pkl")
     vids = [np.concatenate(video[i], 0) if len(video[i]) else None for i in ids]
     vids[0] = None  # a sample without video
     preds = load_run(out).predict(texts, video=vids, audio=[audio[i] for i in ids])

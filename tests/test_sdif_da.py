@@ -86,7 +86,8 @@ def test_registered_and_every_setting_shown(capsys):
     for f in dataclasses.fields(SdifDaSettings):
         assert f"{f.name} = {f.default!r}" in shown and docs[f.name] in shown, f.name
     s = SdifDaSettings()  # configs/sdif.py (MIntRec, 20 intents)
-    assert (s.self_layers, s.cross_layers, s.self_heads, s.cross_heads, s.dropout, s.cross_dropout) == (1, 1, 8, 12, 0.2, 0.3)
+    got = (s.self_layers, s.cross_layers, s.self_heads, s.cross_heads, s.dropout, s.cross_dropout)
+    assert got == (1, 1, 8, 12, 0.2, 0.3)
     with pytest.raises(ValueError, match="sdif_da.cross_dropout"):
         SdifDaSettings(cross_dropout=1.0)
 
@@ -360,7 +361,8 @@ def test_cli_augment_then_train_with_it_then_predict_without_it(tmp_path, synth_
     aug.unlink()  # a trained run predicts without the augmentation file
     rows = [line.split("\t") for line in (synth_dir / "test.tsv").read_text().splitlines()[1:3]]
     ids = ["_".join(r[:3]) for r in rows]
-    video, audio = safe_load(synth_dir / "video_data" / "video_feats.pkl"), safe_load(synth_dir / "audio_data" / "audio_feats.pkl")
+    video = safe_load(synth_dir / "video_data" / "video_feats.pkl")
+    audio = safe_load(synth_dir / "audio_data" / "audio_feats.pkl")
     preds = load_run(out).predict([r[3] for r in rows], video=[None, np.concatenate(video[ids[1]], 0)],
                                   audio=[audio[i] for i in ids])
     assert len(preds) == 2 and preds[0].ranked
@@ -389,6 +391,7 @@ def test_binary_task_with_text_and_video_from_the_store(tmp_path, synth_dir, poo
     data = tmp_path / "data"
     shutil.copytree(synth_dir, data)
     out = tmp_path / "bin"
-    assert _train(out, data, pooler_dir, "--task", "binary", "--modalities", "text,video", "--feature-store", "auto") == 0
+    assert _train(out, data, pooler_dir, "--task", "binary", "--modalities", "text,video",
+                  "--feature-store", "auto") == 0
     spec = json.loads((out / "seed_0" / "model_spec.json").read_text())
     assert spec["label_names"] == ["Emotion", "Goal"] and spec["modalities"] == ["text", "video"]

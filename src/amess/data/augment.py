@@ -301,7 +301,8 @@ def add_cli(data_subparsers: Any) -> None:
                                                    "(SDIF-DA data augmentation), cached and resumable")
     p.add_argument("--dataset", default="mintrec", help="benchmark reader (default: mintrec)")
     p.add_argument("--data-dir", required=True, help="the dataset folder as downloaded")
-    p.add_argument("--endpoint", required=True, metavar="URL", help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    p.add_argument("--endpoint", required=True, metavar="URL",
+                   help="OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
     p.add_argument("--model", required=True, metavar="NAME", help="model name for the requests")
     p.add_argument("--n", type=int, default=3, help="paraphrases per utterance (default 3)")
     p.add_argument("--out", required=True, metavar="FILE.tsv", help="output TSV (provenance beside it, FILE.tsv.json)")

@@ -308,7 +308,7 @@ class MISA(IntentModel):
         present = {"text": torch.ones(b, dtype=torch.bool, device=hidden.device)}
         for m in self.streams:
             x, mask = self._stream(batch, m)
-            vectors[m] = self.summary[m](x.to(hidden.dtype), mask)  # (b, 4r)
+            vectors[m] = self.summary[m](x, mask)  # (b, 4r)
             present[m] = mask.any(1)
         u = {m: self.project[m](vectors[m]) for m in self.modalities}  # (b, h) each
         private = {m: self.private[m](u[m]) for m in self.modalities}

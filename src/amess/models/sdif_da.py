@@ -355,7 +355,8 @@ class SDIFDA(IntentModel):
         seqs = [s for s in seqs if s is not None]
         shallow = self.shallow(torch.cat(seqs, dim=1))  # (b, len(seqs) n, d)
         shallow_rep = masked_mean(shallow, tmask.repeat(1, len(seqs)))
-        reps = torch.stack([self.encoder.pooled_output(text), *stream_reps, *cross_reps, shallow_rep], dim=1)  # (b, r, d)
+        reps = [self.encoder.pooled_output(text), *stream_reps, *cross_reps, shallow_rep]
+        reps = torch.stack(reps, dim=1)  # (b, r, d)
         z = self.head_hidden(rearrange(self.deep(reps), "b r d -> b (r d)"))  # third layer, (b, r d / 2)
         return self.head(z), z
 
