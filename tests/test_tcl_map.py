@@ -317,10 +317,11 @@ def test_mintrec2_with_ood_detectors_and_outlier_exposure(tmp_path_factory, tmp_
     from amess.data.synth import generate_mintrec2
 
     data = tmp_path_factory.mktemp("synth2")
-    generate_mintrec2(data, seed=0, size=200)
+    generate_mintrec2(data, seed=0, size=150)
     out = tmp_path / "run"
     dets = ["msp", "maxlogit", "energy", "mahalanobis", "doc"]
-    assert _train(out, data, enc_dir, "--dataset", "mintrec2", "--outlier-exposure", "--ood-detector", *dets) == 0
+    assert _train(out, data, enc_dir, "--dataset", "mintrec2", "--outlier-exposure", "--ood-detector", *dets,
+                  "--set", "data.video_max_len=24", "--set", "data.audio_max_len=48") == 0
     spec = json.loads((out / "seed_0" / "model_spec.json").read_text())
     assert len(spec["label_names"]) == 30 and spec["text_max_len"] == 50
     ood = json.loads((out / "summary.json").read_text())["test"]["ood"]

@@ -149,6 +149,7 @@ FALLBACK_TEXT_LEN = 50
 """Text length for `align_len` when neither `data.text_max_len` nor a reader-level default is
 known (readers whose defaults depend on their folder: `custom`, whose default it is)."""
 STREAMS = ("video", "audio")
+"""The non-verbal streams, in the order the MAP encoder reads them (keys, values)."""
 TEMPLATE_KEYS = ("tcl_input_ids", "tcl_attention_mask", "tcl_token_type_ids", "tcl_mask_pos")
 
 
@@ -252,8 +253,8 @@ class TemplateHook:
         body, slots, close = pos < last, (pos >= last) & (pos < last + k), pos == last + k
         padded_ids = F.pad(ids, (0, k), value=self.pad_id)  # (b, n)
         padded_types = F.pad(types, (0, k), value=0)
-        new_ids = torch.where(body, padded_ids, torch.where(slots, self.mask_id, torch.where(close, closing, self.pad_id)))
-        batch.extras["tcl_input_ids"] = new_ids
+        tail = torch.where(slots, self.mask_id, torch.where(close, closing, self.pad_id))  # (b, n)
+        batch.extras["tcl_input_ids"] = torch.where(body, padded_ids, tail)
         batch.extras["tcl_attention_mask"] = (pos <= last + k).long()
         batch.extras["tcl_token_type_ids"] = torch.where(body, padded_types, torch.where(slots | close, segment, 0))
         batch.extras["tcl_mask_pos"] = (last[:, 0] + self.prompt_len).long()
@@ -428,7 +429,7 @@ class CrossModalEncoder(nn.Module):
 
 
 class ModalityAwarePrompt(nn.Module):
-    """MAP (model.py `MAP.forward`): (b,) streams -> (b, p, d) prompt embeddings.
+    """MAP (model.py `MAP.forward`): the streams of a batch of b -> (b, p, d) prompt embeddings.
 
     ctx (p, d) is aligned to itself (`align_text`), each stream to the aligned ctx
     (`align[name]`), each aligned stream projected to d; the cross-modal encoder reads
@@ -538,7 +539,7 @@ class TCLMAP(IntentModel):
         cfg = settings
         self.cfg = cfg
         self.num_labels = num_labels
-        dims = {name: dim for name, dim in (("video", video_dim), ("audio", audio_dim)) if dim is not None}
+        dims = {name: dim for name, dim in zip(STREAMS, (video_dim, audio_dim)) if dim is not None}
         if not dims:
             raise ValueError("tcl_map needs video or audio features (its prompt is generated from them); use "
                              "--modalities text,video,audio, text,video or text,audio, or the `text` method for "
