@@ -301,6 +301,10 @@ def embed_description_folder(descriptions: str | Path, out: str | Path, *, text_
     loaded through `amess.models.encoders.load_text_encoder` and kept frozen; or pass a
     loaded `encoder` directly. `device="auto"` uses CUDA when available. Returns the
     provenance written.
+
+    Memory: encoding is chunked (`embed_rows`), but the official format is one dict, so the
+    finished arrays are held until it is written: about the output file's size (34 MB per
+    field for MIntRec2.0 train+dev, 1.1 GB per token), plus the encoder.
     """
     import torch
 
