@@ -1,9 +1,10 @@
 """`amess` command line: thin subcommands over the library.
 
     amess data synth --out DIR [--dataset mintrec|mintrec2] [--seed S] [--size N]
-    amess data check --dataset mintrec|mintrec2|custom --data-dir DIR [--modalities ...]
+    amess data check --dataset mintrec|mintrec2|custom --data-dir DIR [--modalities ...] [--subset in-scope]
     amess data convert --dataset D --data-dir DIR --out STORE
     amess data augment --dataset D --data-dir DIR --endpoint URL --model NAME [--n N] --out FILE.tsv
+    amess data embed-descriptions --descriptions DIR --out FILE.pkl [--granularity field|sentence|token]
     amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [...]
     amess evaluate RUN_DIR [--split test]
     amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy]
@@ -64,7 +65,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     from amess.config import Config
     from amess.data.check import check_dataset
 
-    cfg = Config().override(_data_overrides(args))
+    overrides = _data_overrides(args)
+    if args.subset:
+        overrides["data.subset"] = args.subset
+    cfg = Config().override(overrides)
     rep = check_dataset(cfg.data)
     print(rep.text())
     return 0 if rep.ok else 1
@@ -89,6 +93,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if done:
         print(f"train from it with --feature-store {args.out}")
     return 1 if problems else 0
+
+
+def cmd_embed_descriptions(args: argparse.Namespace) -> int:
+    """Clip descriptions (a video LLM's words) -> a video-stream feature pickle, frozen encoder."""
+    from amess.data.clip_descriptions import embed_description_folder, provenance_path
+
+    given = {k: getattr(args, k) for k in ("granularity", "max_len", "batch_size") if getattr(args, k) is not None}
+    prov = embed_description_folder(args.descriptions, args.out, text_encoder=args.text_encoder, device=args.device,
+                                    progress=not args.no_progress, **given)
+    print(f"wrote {args.out}: {prov['samples']} samples, each (T, {prov['hidden_size']}) with median T "
+          f"{prov['frames']['median']:g} ({prov['granularity']}); provenance in {provenance_path(args.out)}")
+    print("train with it as the video stream: --modalities text,video --video-file PATH_FROM_DATA_DIR")
+    return 0
 
 
 def build_train_config(args: argparse.Namespace):
@@ -318,6 +335,8 @@ def make_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_synth)
     c = data.add_parser("check", help="report counts, shapes and problems of a dataset folder")
     _add_data_args(c)
+    c.add_argument("--subset", choices=["total", "in-scope", "out-of-scope"], default=None,
+                   help="MIntRec2.0 folder to check (default total)")
     c.set_defaults(func=cmd_check)
     v = data.add_parser("convert", help="turn feature pickles into a memory-mapped store (resumable)")
     _add_data_args(v)
@@ -328,6 +347,21 @@ def make_parser() -> argparse.ArgumentParser:
     from amess.data.augment import add_cli as add_augment_cli
 
     add_augment_cli(data)  # amess data augment: SDIF-DA's LLM paraphrases, offline
+    ed = data.add_parser("embed-descriptions", help="clip descriptions (TSV) -> a feature pickle for the video "
+                                                    "stream, with a frozen text encoder")
+    ed.add_argument("--descriptions", required=True,
+                    help="folder of {train,dev,test}.tsv: id column(s), then text fields")
+    ed.add_argument("--out", required=True, help="feature pickle to write; provenance goes to OUT.json")
+    ed.add_argument("--text-encoder", default=None,
+                    help="Hugging Face name or local folder (default packaged:minilm)")
+    ed.add_argument("--granularity", choices=["field", "sentence", "token"], default=None,
+                    help="one vector per field (mean-pooled), per sentence, or per token (default field)")
+    ed.add_argument("--max-len", type=int, default=None,
+                    help="max tokens of one encoded field or sentence (default 128)")
+    ed.add_argument("--batch-size", type=int, default=None, help="texts per encoder call (default 64)")
+    ed.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    ed.add_argument("--no-progress", action="store_true")
+    ed.set_defaults(func=cmd_embed_descriptions)
 
     t = sub.add_parser("train", help="train a method over one or more seeds")
     add_train_args(t)

@@ -123,9 +123,12 @@ class MIntRec2Reader(DatasetReader):
                         return given.parents[len(parts) - 1], given
             return given, given
         tried = [str(given / rel) for rel in SUBSET_DIRS[subset]]
+        present = [name for name, rels in SUBSET_DIRS.items() if any((given / rel).is_dir() for rel in rels)]
+        hint = (f"; it holds {present}: choose one with --set data.subset={present[0]} "
+                f"(`amess data check`: --subset {present[0]})") if present else ""
         raise DataError(f"{given}: no MIntRec2.0 {subset!r} folder (looked for {tried}) and no "
                         "train/dev/test.tsv directly in it; expected the MIntRec2.0 root holding in-scope/, "
-                        "out-of-scope/MIntRec2.0-OOD/ and total/")
+                        f"out-of-scope/MIntRec2.0-OOD/ and total/{hint}")
 
     def feature_dirs(self) -> list[Path]:
         """Where feature files are looked for: the chosen folder, the root, the other subsets."""
