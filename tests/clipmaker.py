@@ -129,7 +129,8 @@ def trained_run(root: Path, encoder_dir: Path) -> Path:
         out = root / "run"
         rc = main(["train", "--dataset", "custom", "--data-dir", str(data), "--method", "amess",
                    "--text-encoder", str(encoder_dir), "--label-descriptions", str(root / "desc.yaml"),
-                   "--epochs", "1", "--max-steps", "1", "--ood-detector", "msp", "--no-progress", "--out", str(out)])
+                   "--epochs", "1", "--max-steps", "1", "--ood-detector", "msp", "--set", "train.plots=false",
+                   "--no-progress", "--out", str(out)])
         assert rc == 0
         _made["run"] = out
     return _made["run"]

@@ -170,3 +170,89 @@ def test_extract_input_errors_name_the_file(root, tmp_path, caplog):
     assert "give --transcripts TSV (columns id, text) or --asr" in caplog.text
     assert main(args + ["--asr", "--audio-extractor", "wav2vec"]) == 2
     assert "unknown audio extractor 'wav2vec'; known: ['hf', 'whisper']" in caplog.text
+
+
+# --- the Hugging Face paths, with tiny random-initialised models saved as folders ------------
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    import torch
+    from transformers import SwinConfig, SwinModel, Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+
+    d = tmp_path_factory.mktemp("tiny_hf")
+    torch.manual_seed(0)
+    Wav2Vec2Model(Wav2Vec2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+                                 conv_dim=(16,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+                  ).save_pretrained(d / "wav2vec2")
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(d / "wav2vec2")
+    SwinModel(SwinConfig(image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                         window_size=4)).save_pretrained(d / "swin")
+    return d
+
+
+def test_hf_speech_and_vision_backbones_by_folder(root, tiny_hf, tmp_path):
+    from amess.cli import main
+    from amess.data.safe_pickle import safe_load
+
+    src = clip_set(root)
+    out = tmp_path / "hf_data"
+    rc = main(["extract", "--clips", str(src / "clips" / "c1.mp4"), str(src / "clips" / "c4.mp4"),
+               "--transcripts", str(src / "transcripts.tsv"), "--audio-extractor", f"hf:{tiny_hf / 'wav2vec2'}",
+               "--video-extractor", f"hf:{tiny_hf / 'swin'}", "--fps", "2", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    audio, video = safe_load(out / "audio.pkl"), safe_load(out / "video.pkl")
+    seconds = (src / "clips" / "c1.mp4").stat().st_size and audio["c1"].shape[0] / 50
+    assert audio["c1"].shape[1] == 32 and 1.8 < seconds < 3.0  # ~50 frames per second
+    assert video["c1"].shape[1] == 16 and video["c1"].shape[0] >= 3 and video["c4"].shape == (0, 16)
+    rec = json.loads((out / "extraction.json").read_text())["extractors"]
+    assert rec["audio"]["name"] == "hf" and rec["audio"]["preprocessing"] == "Wav2Vec2FeatureExtractor"
+    assert rec["video"]["preprocessing"] == "built-in" and len(rec["video"]["weights"]["sha256"]) == 64
+    assert rec["text"] == {"modality": "text", "name": "tsv", "file": "transcripts.tsv"}
+
+
+# --- predict from clips -----------------------------------------------------------------------
+
+def test_predict_clip_with_the_runs_extractors(root, tiny_encoder_dir, tmp_path, capsys):
+    from amess.cli import main
+    from clipmaker import trained_run
+
+    run = trained_run(root, tiny_encoder_dir)
+    spec = json.loads((run / "seed_0" / "model_spec.json").read_text())
+    assert spec["features"]["audio"]["extractor"]["extractors"]["audio"]["name"] == "whisper"
+    capsys.readouterr()
+    assert main(["predict", str(run), "--clip", str(clip_set(root) / "clips" / "c3.mp4"), "--json"]) == 0
+    [r] = json.loads(capsys.readouterr().out)
+    assert r["id"] == "c3" and "move this table" in r["text"].lower()
+    assert {x["intent"] for x in r["ranked"]} == {"help", "thank"}
+    assert abs(sum(x["probability"] for x in r["ranked"]) - 1) < 1e-4
+    assert set(r["out_of_scope"]) == {"msp"} and isinstance(r["anchors"], list) and r["anchors"]
+    csv_out = tmp_path / "p.csv"
+    assert main(["predict", str(run), "--clips", str(clip_set(root) / "clips" / "c4.mp4"), "--out", str(csv_out)]) == 0
+    lines = csv_out.read_text().splitlines()
+    assert lines[0] == "id,clip,transcript,intent,probability,oos_msp,anchors" and lines[1].startswith("c4,")
+
+
+def test_predict_refuses_another_extractors_features(root, tiny_encoder_dir, tmp_path, caplog):
+    import shutil
+
+    from amess.cli import main
+    from clipmaker import trained_run
+
+    run = trained_run(root, tiny_encoder_dir)
+    spec = json.loads((run / "seed_0" / "model_spec.json").read_text())
+    audio_rec = spec["features"]["audio"]["extractor"]["extractors"]["audio"]
+    np.save(tmp_path / "a.npy", np.zeros((50, 384), np.float32))
+    other = {**audio_rec, "name": "hf", "settings": {"model": "microsoft/wavlm-base-plus", "layer": -1,
+                                                      "chunk_seconds": 30.0}, "weights": {"name": "wavlm"}}
+    (tmp_path / "a.npy.json").write_text(json.dumps(other))
+    assert main(["predict", str(run), "--text", "help me", "--audio", str(tmp_path / "a.npy")]) == 2
+    assert "this run's audio features were made by whisper (model=packaged:whisper-tiny.en" in caplog.text
+    assert "a.npy come from hf (model=microsoft/wavlm-base-plus" in caplog.text
+    # a run whose recorded weights are not the ones installed here
+    bad = tmp_path / "bad_run"
+    shutil.copytree(run / "seed_0", bad)
+    audio_rec["weights"]["sha256"] = "0" * 64
+    (bad / "model_spec.json").write_text(json.dumps(spec))
+    caplog.clear()
+    assert main(["predict", str(bad), "--clip", str(clip_set(root) / "clips" / "c1.mp4")]) == 2
+    assert "weights 000000000000" in caplog.text and "the audio extractor available here" in caplog.text
