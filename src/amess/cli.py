@@ -10,6 +10,7 @@
     amess compare --dataset D --data-dir DIR --methods text,amess --seeds 0 1 2 --out DIR
     amess ablate --dataset D --data-dir DIR --seeds 0 1 2 --out DIR
     amess demo [--out demo_runs]
+    amess serve RUN_DIR [--host 127.0.0.1 --port 8000]
     amess extract --clips DIR_OR_FILES [--transcripts TSV | --asr] [--labels TSV] --out DATA_DIR
     amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
 """
@@ -376,11 +377,13 @@ def make_parser() -> argparse.ArgumentParser:
     from amess.compare import add_cli as add_compare_cli
     from amess.extract.cli import add_cli as add_extract_cli
     from amess.labels.generate import add_cli as add_labels_cli
+    from amess.serve import add_cli as add_serve_cli
 
     add_ablate_cli(sub)
     add_compare_cli(sub)
     add_extract_cli(sub)
     add_labels_cli(sub)
+    add_serve_cli(sub)
     return p
 
 
