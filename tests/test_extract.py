@@ -26,7 +26,7 @@ def root(tmp_path_factory):
     return tmp_path_factory.getbasetemp() / "clips_shared"
 
 
-def test_decode_resamples_to_16k_and_samples_frames(root):
+def test_decode_resamples_to_16k_and_samples_frames(root, tmp_path):
     from amess.extract.media import SAMPLE_RATE, load_clip
 
     clip = load_clip(clip_set(root) / "clips" / "c1.mp4")
@@ -36,6 +36,8 @@ def test_decode_resamples_to_16k_and_samples_frames(root):
     assert abs(len(frames) - clip.duration * 4) <= 1.5
     t, img = frames[1]
     assert 0.2 <= t <= 0.35 and img.shape == (120, 120, 3) and img.dtype == np.uint8
+    odd = make_clip(tmp_path / "odd.mp4", None, seconds=0.5, size=360)  # 1080-byte rows: padded when decoded
+    assert all(img.flags.c_contiguous for _, img in load_clip(odd).frames(fps=4, max_side=640))
 
 
 def test_wav_has_no_video_and_garbage_is_one_clear_error(tmp_path):
@@ -256,3 +258,25 @@ def test_predict_refuses_another_extractors_features(root, tiny_encoder_dir, tmp
     caplog.clear()
     assert main(["predict", str(bad), "--clip", str(clip_set(root) / "clips" / "c1.mp4")]) == 2
     assert "weights 000000000000" in caplog.text and "the audio extractor available here" in caplog.text
+
+
+@pytest.mark.parametrize("arch", ["wavlm", "hubert"])
+def test_hf_speech_other_architectures_and_missing_model(root, tmp_path, arch):
+    import torch
+    import transformers
+
+    from amess.extract import ExtractorError, get_extractor, load_clip
+
+    cfg_cls, model_cls = {"wavlm": ("WavLMConfig", "WavLMModel"), "hubert": ("HubertConfig", "HubertModel")}[arch]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, cfg_cls)(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=37, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+                                         num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=20)
+    getattr(transformers, model_cls)(cfg).save_pretrained(tmp_path / arch)
+    ext = get_extractor("audio", f"hf:{tmp_path / arch}")
+    clip = load_clip(clip_set(root) / "clips" / "c2.mp4")
+    frames = ext.extract(clip)
+    assert frames.shape[1] == 32 and abs(frames.shape[0] - clip.duration * 50) < 3
+    assert ext.describe()["preprocessing"] == "built-in"
+    with pytest.raises(ExtractorError, match=r"nowhere: cannot load a Hugging Face model"):
+        get_extractor("audio", f"hf:{tmp_path / 'nowhere'}").extract(clip)

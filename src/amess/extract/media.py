@@ -84,7 +84,8 @@ class Clip:
                         break
                     if t + 1e-6 < k / fps:
                         continue
-                    yield t, frame.to_ndarray(format="rgb24", **size)
+                    # rows of a decoded frame may be padded (line alignment): dlib needs them contiguous
+                    yield t, np.ascontiguousarray(frame.to_ndarray(format="rgb24", **size))
                     k = int(np.floor(t * fps + 1e-6)) + 1
             except av.FFmpegError as e:
                 raise MediaError(f"{self.path}: video stream breaks off at {k / fps:.2f} s ({e})") from None

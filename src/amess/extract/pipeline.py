@@ -230,7 +230,7 @@ def extract_dataset(sources: list[str | Path], out: str | Path, *, extractors: d
         labels_of = read_id_tsv(Path(labels), ("label",), ("split",))
         _require_all(Path(labels), ids, labels_of, "a label")
         for sid, row in labels_of.items():
-            if row.get("split", split) not in SPLITS:
+            if (row.get("split") or split) not in SPLITS:
                 raise DataError(f"{labels}: id {sid}: split {row['split']!r}, expected one of {list(SPLITS)}")
     extractors = {m: e for m, e in extractors.items() if not (m == "text" and texts is not None)}
     record: dict[str, Any] = {
