@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench install clean
+.PHONY: demo test test-slow bench install tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/amess demo --out demo_runs
 
-test: $(STAMP)
+# Debian tools the clip tests use (they skip without them): speech, muxing, a headless browser
+tools:
+	@command -v ffmpeg >/dev/null && command -v espeak-ng >/dev/null && command -v chromium >/dev/null \
+		&& command -v chromedriver >/dev/null || { command -v apt-get >/dev/null \
+		&& (apt-get update -qq && apt-get install -y -qq ffmpeg espeak-ng chromium chromium-driver >/dev/null) \
+		|| echo "warning: could not install ffmpeg espeak-ng chromium chromium-driver; their tests will skip"; }
+
+test: $(STAMP) tools
 	$(BIN)/python -m pytest -q
 
 test-slow: $(STAMP)

@@ -7,11 +7,13 @@
     amess data embed-descriptions --descriptions DIR --out FILE.pkl [--granularity field|sentence|token]
     amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [...]
     amess evaluate RUN_DIR [--split test]
-    amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy]
+    amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy] | --clip F.mp4 | --clips DIR
     amess methods [show NAME]
     amess compare --dataset D --data-dir DIR --methods text,amess --seeds 0 1 2 --out DIR
     amess ablate --dataset D --data-dir DIR --seeds 0 1 2 --out DIR
     amess demo [--out demo_runs]
+    amess serve RUN_DIR [--host 127.0.0.1 --port 8000]
+    amess extract --clips DIR_OR_FILES [--transcripts TSV | --asr] [--labels TSV] --out DATA_DIR
     amess labels generate --labels FILE --endpoint URL --model NAME --out FILE
 """
 
@@ -196,6 +198,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from amess.predictor import load_run
 
     p = load_run(args.run_dir, seed=args.seed)
+    if args.clip or args.clips:
+        from amess.extract.clips import cmd_predict_clips
+
+        return cmd_predict_clips(p, args)
     if bool(args.text) == bool(args.tsv):
         raise ValueError("amess predict: give --text \"...\" (one or more) or --tsv FILE")
     if args.tsv:
@@ -213,6 +219,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             arr = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a readable .npy array of {name} features ({e})") from None
+        from amess.extract.clips import check_feature_file
+
+        check_feature_file(p, name, Path(path))  # features from another extractor than the run's are refused
         feats[name] = [arr]
     preds = p.predict(texts, **feats)
     if args.json:
@@ -378,10 +387,14 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--tsv", default=None, help="a TSV with a `text` column (and optionally `id`)")
     pr.add_argument("--video", default=None, help="video features of the one utterance, a (frames, d) .npy file")
     pr.add_argument("--audio", default=None, help="audio features of the one utterance, a (frames, d) .npy file")
+    pr.add_argument("--clip", default=None, help="an audio/video clip: the run's extractors, ASR, then predict")
+    pr.add_argument("--clips", nargs="+", default=None, metavar="DIR_OR_FILE",
+                    help="clips or folders of clips (with --out: a CSV)")
+    pr.add_argument("--threads", type=int, default=None, help="CPU threads for the extractors")
     pr.add_argument("--seed", type=int, default=None, help="which seed's model (default: the first)")
     pr.add_argument("--top", type=int, default=5, help="intents shown per utterance")
     pr.add_argument("--json", action="store_true", help="print JSON")
-    pr.add_argument("--out", default=None, help="with --tsv: write a CSV here instead of printing")
+    pr.add_argument("--out", default=None, help="with --tsv or --clips: write a CSV here instead of printing")
     pr.set_defaults(func=cmd_predict)
 
     ms = sub.add_parser("methods", help="list the methods, or show one's settings")
@@ -400,11 +413,15 @@ def make_parser() -> argparse.ArgumentParser:
 
     from amess.ablate import add_cli as add_ablate_cli
     from amess.compare import add_cli as add_compare_cli
+    from amess.extract.cli import add_cli as add_extract_cli
     from amess.labels.generate import add_cli as add_labels_cli
+    from amess.serve import add_cli as add_serve_cli
 
     add_ablate_cli(sub)
     add_compare_cli(sub)
+    add_extract_cli(sub)
     add_labels_cli(sub)
+    add_serve_cli(sub)
     return p
 
 

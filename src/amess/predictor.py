@@ -6,6 +6,7 @@ encoder files and the model hub are not needed.
     p = load_run("runs/amess")                  # a run folder (its first seed) or a seed folder
     for r in p.predict(["can you help me carry these boxes?"]):
         print(r.ranked[:3], r.ood)              # [("Ask for help", 0.81), ...], {"msp": False, ...}
+    p.predict_clips(["clip.mp4"])               # the run's own extractors, then ASR, then predict
 """
 
 from __future__ import annotations
@@ -172,6 +173,16 @@ class Predictor:
                     ood={name: bool(s[j] < self.detectors[name].threshold) for name, s in det_scores.items()},
                     ood_scores={name: float(s[j]) for name, s in det_scores.items()}, anchors=anchors))
         return results
+
+
+    def predict_clips(self, paths: Sequence[str | Path], *, texts: Sequence[str | None] | None = None,
+                      threads: int | None = None, progress: bool = False) -> list[Prediction]:
+        """Ranked intents for audio/video clips: features from the extractors the run was trained
+        on (rebuilt from its records; another extractor is refused), the transcript by ASR unless
+        `texts` gives it (`Prediction.text`). Needs `pip install "amess[extract]"`."""
+        from amess.extract.clips import predict_clips
+
+        return predict_clips(self, paths, texts=texts, threads=threads, progress=progress)
 
 
 def load_run(run_dir: str | Path, *, seed: int | None = None) -> Predictor:
