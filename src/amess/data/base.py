@@ -196,13 +196,16 @@ class DatasetReader:
         return problems
 
     def frame_problems(self, samples: dict[str, list[Sample]], source: FeatureSource, modality: str) -> list[str]:
-        """Splits in which no sample has a single frame of `modality` (the model would learn
-        nothing from it, and its masks would be all False)."""
+        """The training split when no sample of it has a single frame of `modality` (the model
+        would learn nothing from the stream: a wrong file, or a modality to leave out). An
+        evaluation split without frames is allowed (e.g. test clips in which no face was
+        found): the masks make such samples text-only."""
         return [f"{source.path}: no {modality} frames in any of the {len(ss)} samples of {split} "
                 f"({self.split_file(split)}); expected (frames, dim) features with frames for some samples, "
                 f"or leave {modality} out with --modalities"
                 for split, ss in samples.items()
-                if ss and all(s.id in source and source.length(s.id) == 0 for s in ss)]
+                if split == self.cfg.train_split and ss
+                and all(s.id in source and source.length(s.id) == 0 for s in ss)]
 
     def fingerprint_files(self) -> list[Path]:
         """Files besides the split TSVs and feature files whose contents define the data."""

@@ -98,12 +98,12 @@ def check_dataset(cfg: DataConfig, expected_dims: dict[str, int] | None = None) 
                                 f"{list(getattr(reader.spec, modality + '_files'))})")
             continue
         _check_features(rep, path, modality, samples, reader.max_len(modality),
-                        (expected_dims or {}).get(modality))
+                        (expected_dims or {}).get(modality), cfg.train_split)
     return rep
 
 
 def _check_features(rep: CheckReport, path: Path, modality: str, samples: dict[str, list[Sample]],
-                    max_len: int, expected_dim: int | None) -> None:
+                    max_len: int, expected_dim: int | None, train_split: str) -> None:
     if path.stat().st_size == 0:
         rep.problems.append(f"{path}: empty file")
         return
@@ -150,7 +150,11 @@ def _check_features(rep: CheckReport, path: Path, modality: str, samples: dict[s
                                                         if len(missing) > LIST_LIMIT else "")
             rep.problems.append(f"{path}: {len(missing)} {split} id(s) without {modality} features: {shown}")
         if ss and all(lengths.get(s.id) == 0 for s in ss):
-            rep.problems.append(f"{path}: no {modality} frames in any of the {len(ss)} samples of {split}")
+            if split == train_split:
+                rep.problems.append(f"{path}: no {modality} frames in any of the {len(ss)} samples of {split}")
+            else:
+                rep.lines.append(f"  note: no {modality} frames in any of the {len(ss)} samples of {split} "
+                                 "(they are scored from the other streams)")
     rep.lines.append(f"\n{modality}: {path} ({path.stat().st_size / 2**20:.1f} MiB), {len(raw)} entries")
     if lengths:
         la = np.array(list(lengths.values()))
