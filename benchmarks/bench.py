@@ -115,6 +115,14 @@ class Bench:
         return statistics.median(times)
 
 
+def _runs_on(name: str, modalities: list[str]) -> bool:
+    """Whether a method (or variant) accepts these modalities (its `requires`)."""
+    from amess.models import method_class
+
+    cls = method_class(VARIANTS.get(name, (name, {}))[0])
+    return cls.modality_problem(modalities) is None
+
+
 def _stats(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} (min {min(xs):.1f}, max {max(xs):.1f})"
 
@@ -218,12 +226,19 @@ def main() -> None:
     p.add_argument("--mintrec2-size", type=int, default=15040, help="utterances in the MIntRec2.0-scale benchmark")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers in the MIntRec2.0-scale benchmark")
     p.add_argument("--append", default=None, help="append the results block to this markdown file")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[:KEY=VALUE,...]",
+                   help="a named method + settings to bench beside the others, e.g. "
+                        "amess-r4=amess:amess.desc_refresh=4 (then list NAME in --methods)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a config setting for every run (e.g. train.mmap_threshold_kb=null to A/B the allocator)")
     args = p.parse_args()
     SETTINGS[:] = args.set
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    for v in args.variant:
+        name, _, spec = v.partition("=")
+        method, _, kvs = spec.partition(":")
+        VARIANTS[name] = (method, dict(kv.split("=", 1) for kv in kvs.split(",") if kv))
     methods = args.methods.split(",")
     from amess.data.synth import generate
 
@@ -256,12 +271,17 @@ def main() -> None:
                   "|---|---|---|---|---|"] if not args.skip_throughput else []
         ratios = []
         for name, d, mods in ([] if args.skip_throughput else sets):
-            res = throughput(d, methods, mods, args.reps, args.steps)
-            for m in methods:
+            runnable = [m for m in methods if _runs_on(m, mods)]
+            skipped = [m for m in methods if m not in runnable]
+            res = throughput(d, runnable, mods, args.reps, args.steps)
+            if skipped:
+                ratios.append(f"{name}: not run for {', '.join(skipped)} (the method needs more than "
+                              f"{'+'.join(mods)})")
+            for m in runnable:
                 r = res[m]
                 lines.append(f"| {name} | {m} | {_stats(r['train'])} | {_stats(r['infer'])} | "
                              f"{_stats(r['latency'])} |")
-            for other in [m for m in methods if m != "text" and "text" in res]:
+            for other in [m for m in runnable if m != "text" and "text" in res]:
                 tr = statistics.median(res["text"]["train"]) / statistics.median(res[other]["train"])
                 inf = statistics.median(res["text"]["infer"]) / statistics.median(res[other]["infer"])
                 ratios.append(f"{name}: {other} step time = {tr:.2f}x text, inference time = {inf:.2f}x text")

@@ -113,7 +113,7 @@ def test_text_alone_is_refused_clearly(encoder, tmp_path, synth_dir, tiny_encode
         make_model(encoder, video=None, audio=None)
     rc = main(["train", "--data-dir", str(synth_dir), "--method", "misa", "--text-encoder", str(tiny_encoder_dir),
                "--modalities", "text", "--no-progress", "--out", str(tmp_path / "run")])
-    assert rc == 2 and "method 'misa' needs text and at least one of video and audio" in caplog.text
+    assert rc == 2 and "method 'misa' needs text and at least one of video, audio" in caplog.text
 
 
 # ----- the losses --------------------------------------------------------------------------

@@ -169,6 +169,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         cls = method_class(args.name)
         print(f"{args.name}: {(cls.__doc__ or '').strip().splitlines()[0] if cls.__doc__ else ''}")
         print(f"  reads: {', '.join(cls.reads)}   requires: {', '.join(cls.requires)}"
+              + (" + video or audio" if cls.needs_nonverbal else "")
               + (f"   encoder parts: {', '.join(cls.encoder_parts)}" if cls.encoder_parts else "")
               + ("   label descriptions: yes" if cls.uses_descriptions else ""))
         print(f"  defined in: {cls.__module__}")

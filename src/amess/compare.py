@@ -106,9 +106,9 @@ def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, re
     configs, skipped = {}, {}
     for m in methods:  # resolve every config first: a bad setting fails before anything trains
         cls = method_class(m)
-        missing = [x for x in cls.requires if x not in base.data.modalities]
-        if missing:
-            skipped[m] = f"needs {', '.join(missing)}"
+        problem = cls.modality_problem(base.data.modalities)
+        if problem:
+            skipped[m] = problem
             continue
         configs[m] = method_config(base, m)
     if reference is not None and reference not in configs:

@@ -90,6 +90,19 @@ class AmessSettings:
     `frozen` (the pretrained encoder, encoded once at construction and cached)."""
     desc_max_len: int = 64
     """Max tokens of a label description, special tokens included."""
+    desc_refresh: int = 1
+    """With the `shared` description encoder: re-encode the descriptions through the encoder
+    (with gradients) every N-th training step; the steps in between reuse the pooled vectors
+    of the last re-encoding (no gradient into the encoder from them; the projection still
+    learns). 1 = every step. Evaluation always encodes with the current weights."""
+    text_view_grad: bool = True
+    """Back-propagate through the encoder's text-only pass for z_t. False runs that pass
+    without gradients (a stop-gradient view: a forward pass instead of a forward and a
+    backward one); the shared projection still learns from z_t."""
+    max_frames: int | None = None
+    """Average-pool each non-verbal stream over consecutive real frames to at most this many
+    frames before its encoder (masks from the true lengths; a pooled frame averages only real
+    frames). None keeps every frame."""
     inference: str = "head"
     """Scores at evaluation: `head` (classifier softmax), `similarity` (softmax over the scaled
     cosine similarities to the descriptions) or `both` (the average of the two)."""
@@ -118,6 +131,10 @@ class AmessSettings:
                              f"clamped to [1, 100]), got {self.tau}")
         if self.proj_dim < 1:
             raise ValueError(f"amess.proj_dim must be >= 1, got {self.proj_dim}")
+        if self.desc_refresh < 1:
+            raise ValueError(f"amess.desc_refresh must be >= 1 (re-encode every N steps), got {self.desc_refresh}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"amess.max_frames must be >= 1 or null, got {self.max_frames}")
         if self.desc_max_len < 3:
             raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
         if self.ss_loss == "margin" and not 0 < self.margin <= 2:
@@ -145,6 +162,27 @@ def _key_padding(mask: torch.Tensor) -> torch.Tensor:
     first = torch.zeros_like(pad)
     first[:, 0] = True
     return pad & ~(first & empty[:, None])
+
+
+def pool_frames(x: torch.Tensor, mask: torch.Tensor, max_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, m, d), (b, m) bool -> at most `max_frames` frames: means over consecutive windows
+    of w = ceil(m / max_frames) frames, counting real frames only; a window is real when it
+    holds one. Frames are left-aligned (padding after the real frames), so the pooled mask is
+    again a prefix: true length ceil(len / w)."""
+    b, m, d = x.shape
+    if m <= max_frames:
+        return x, mask
+    w = math.ceil(m / max_frames)
+    out_m = math.ceil(m / w)
+    pad = out_m * w - m
+    wt = mask.to(x.dtype)
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+        wt = F.pad(wt, (0, pad))
+    wt = wt.view(b, out_m, w)
+    count = wt.sum(-1)  # (b, out_m)
+    pooled = (x.view(b, out_m, w, d) * wt[..., None]).sum(2) / count.clamp_min(1.0)[..., None]
+    return pooled, count > 0
 
 
 def _sinusoidal(m: int, d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -341,6 +379,10 @@ class AMESS(IntentModel):
                 cache = self._encode_descriptions()
             self.encoder.train(was_training)
             self.register_buffer("desc_cache", cache)  # (C, h)
+        elif self.cfg.desc_refresh > 1:
+            # saved with the model, so that a resumed run reuses the same vectors at the same steps
+            self.register_buffer("desc_stale", torch.zeros(num_labels, self.encoder.hidden_size, device=device))
+            self.register_buffer("desc_step", torch.zeros((), dtype=torch.long, device=device))
 
     def _encode_descriptions(self) -> torch.Tensor:
         """(C, h) pooled description embeddings from the (shared) encoder."""
@@ -356,7 +398,18 @@ class AMESS(IntentModel):
         caching = not self.training and not torch.is_grad_enabled()
         if caching and self._eval_desc is not None:
             return self._eval_desc
-        pooled = self.desc_cache if self.cfg.desc_encoder == "frozen" else self._encode_descriptions()
+        if self.cfg.desc_encoder == "frozen":
+            pooled = self.desc_cache
+        elif self.cfg.desc_refresh > 1 and self.training and torch.is_grad_enabled():
+            # re-encode every desc_refresh-th training step, reuse the last vectors in between
+            if int(self.desc_step) % self.cfg.desc_refresh == 0:
+                pooled = self._encode_descriptions()
+                self.desc_stale.copy_(pooled.detach())
+            else:
+                pooled = self.desc_stale
+            self.desc_step += 1
+        else:
+            pooled = self._encode_descriptions()
         e = self.proj_desc(pooled) if self.proj_desc is not None else pooled
         e = F.normalize(e, dim=-1)
         self._eval_desc = e if caching else None
@@ -397,7 +450,10 @@ class AMESS(IntentModel):
                 continue
             if mask is None:
                 mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
-            out.append((enc(x, mask), mask.bool()))
+            mask = mask.bool()
+            if self.cfg.max_frames is not None:
+                x, mask = pool_frames(x, mask, self.cfg.max_frames)
+            out.append((enc(x, mask), mask))
         return out
 
     def _candidates(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -487,9 +543,11 @@ class AMESS(IntentModel):
             if cfg.ss_loss == "triplet" and self.uses_text_view and self.training:
                 # SS 3: the text-only view, the same encoder on the text alone (a training
                 # signal only: skipped at evaluation, where no loss is computed).
-                text_hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                           token_type_ids=batch.token_type_ids)
-                extras["z_t"] = self.project(self.encoder.pool(text_hidden, batch.attention_mask, self.pooling))
+                with torch.set_grad_enabled(cfg.text_view_grad):
+                    text_hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                               token_type_ids=batch.token_type_ids)
+                    text_pooled = self.encoder.pool(text_hidden, batch.attention_mask, self.pooling)
+                extras["z_t"] = self.project(text_pooled)
         return IntentOutput(logits=logits, pooled=pooled, extras=extras, shared=shared)
 
     # ----- SS 4-6: loss and inference ----------------------------------------------

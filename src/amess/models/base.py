@@ -62,7 +62,8 @@ class IntentModel(nn.Module):
       `__post_init__`; listed by `amess methods show NAME`.
     - `reads`: the modalities its forward uses. Training loads feature files only for
       modalities that are both configured and read (a text model never pays the memory
-      of video and audio features); `requires` those it cannot run without.
+      of video and audio features); `requires` those it cannot run without, and
+      `needs_nonverbal` (True) asks for at least one of the non-verbal ones it reads.
     - `encoder_parts`: optional parts of the text encoder to load (`ENCODER_PARTS`).
     - `uses_descriptions`: whether it reads the label descriptions.
     """
@@ -70,9 +71,21 @@ class IntentModel(nn.Module):
     Settings: type | None = None
     reads: tuple[str, ...] = ("text", "video", "audio")
     requires: tuple[str, ...] = ("text",)
+    needs_nonverbal: bool = False
     encoder_parts: tuple[str, ...] = ()
     uses_descriptions: bool = False
     name: str = ""
+
+    @classmethod
+    def modality_problem(cls, modalities: Sequence[str]) -> str | None:
+        """Why the method cannot run on these modalities (one line), or None when it can."""
+        missing = [m for m in cls.requires if m not in modalities]
+        if missing:
+            return f"needs {', '.join(missing)}"
+        nonverbal = [m for m in cls.reads if m != "text"]
+        if cls.needs_nonverbal and not any(m in modalities for m in nonverbal):
+            return f"needs text and at least one of {', '.join(nonverbal)}"
+        return None
 
     @classmethod
     def collate_hook(cls, settings: Any, tokenizer, text_max_len: int

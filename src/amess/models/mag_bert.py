@@ -211,6 +211,7 @@ class MagBert(IntentModel):
 
     Settings = MagBertSettings
     reads = ("text", "video", "audio")
+    needs_nonverbal = True
     encoder_parts = ("pooler",)
 
     def __init__(self, *, config: Config, settings: MagBertSettings, encoder: TextEncoder, num_labels: int,

@@ -257,6 +257,7 @@ class MISA(IntentModel):
 
     Settings = MisaSettings
     reads = ("text", "video", "audio")
+    needs_nonverbal = True
     requires = ("text",)
 
     def __init__(self, *, settings: MisaSettings, encoder: TextEncoder, num_labels: int,

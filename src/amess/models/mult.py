@@ -297,6 +297,7 @@ class MulT(IntentModel):
 
     Settings = MultSettings
     reads = ("text", "video", "audio")
+    needs_nonverbal = True
 
     def __init__(self, *, config: Config, settings: MultSettings, encoder: TextEncoder, num_labels: int,
                  video_dim: int | None = None, audio_dim: int | None = None, **_):

@@ -276,6 +276,7 @@ class SDIFDA(IntentModel):
 
     Settings = SdifDaSettings
     reads = ("text", "video", "audio")
+    needs_nonverbal = True
     requires = ("text",)
     encoder_parts = ("pooler",)
 

@@ -41,10 +41,9 @@ def read_modalities(cfg: Config) -> list[str]:
     from amess.models import method_class
 
     cls = method_class(cfg.model.method)
-    missing = [m for m in cls.requires if m not in cfg.data.modalities]
-    if missing:
-        raise ValueError(f"method {cfg.model.method!r} needs the modalities {list(cls.requires)}; "
-                         f"--modalities {','.join(cfg.data.modalities)} lacks {', '.join(missing)}")
+    problem = cls.modality_problem(cfg.data.modalities)
+    if problem:
+        raise ValueError(f"method {cfg.model.method!r} {problem}; it got --modalities {','.join(cfg.data.modalities)}")
     return [m for m in cfg.data.modalities if m in cls.reads]
 
 
