@@ -5,7 +5,7 @@
     amess data convert --dataset D --data-dir DIR --out STORE
     amess data augment --dataset D --data-dir DIR --endpoint URL --model NAME [--n N] --out FILE.tsv
     amess data embed-descriptions --descriptions DIR --out FILE.pkl [--granularity field|sentence|token]
-    amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [...]
+    amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [--known-ratio R] [...]
     amess evaluate RUN_DIR [--split test]
     amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy] | --clip F.mp4 | --clips DIR
     amess methods [show NAME]
@@ -123,15 +123,16 @@ def build_train_config(args: argparse.Namespace):
         ("seeds", "train.seeds"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
         ("lr", "train.lr"), ("encoder_lr", "train.encoder_lr"), ("patience", "train.patience"),
         ("precision", "train.precision"), ("max_steps", "train.max_steps"), ("threads", "train.threads"),
-        ("dev_split", "data.dev_split"), ("test_splits", "data.test_splits"), ("monitor", "train.monitor"))))
+        ("dev_split", "data.dev_split"), ("test_splits", "data.test_splits"), ("monitor", "train.monitor"),
+        ("known_ratio", "data.known_ratio"))))
     if args.holdout_labels:
         o["data.holdout_labels"] = [s.strip() for s in args.holdout_labels.split(",") if s.strip()]
     if args.label_descriptions:
         o["data.label_descriptions"] = args.label_descriptions
     if args.no_progress:
         o["train.progress"] = False
-    if args.ood_detector:
-        o["ood.detectors"] = args.ood_detector
+    if args.ood_detector:  # `msp energy` or `msp,energy`
+        o["ood.detectors"] = [d.strip() for item in args.ood_detector for d in item.split(",") if d.strip()]
     if args.outlier_exposure:
         o["ood.outlier_exposure"] = True
     if args.feature_store:
@@ -146,6 +147,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = build_train_config(args)
     summary = run(cfg, args.out, overwrite=args.overwrite)
     report = [s for s in cfg.data.test_splits if s in summary] or [k for k in summary if k != "seeds"][:1]
+    if cfg.data.known_ratio is not None:
+        print(_open_intent_note(Path(args.out), cfg))
     for split in report:
         print(f"\n{cfg.model.method} on {cfg.data.dataset} {split} ({len(cfg.train.seeds)} seed(s), mean ± std, %)")
         print(format_table({cfg.model.method: summary}, split))
@@ -155,6 +158,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(ood)
     print(f"\nrun folder: {args.out}")
     return 0
+
+
+def _open_intent_note(out: Path, cfg) -> str:
+    """What the tables mean under --known-ratio, with each seed's known intents."""
+    import json
+
+    lines = [f"\nopen intent, known ratio {cfg.data.known_ratio:g}: the in-scope table is over the rows of known "
+             "intents (argmax over them); the out-of-scope table over known + open, K+1 classes (oos_acc = "
+             "accuracy, f1_is = F1-known, f1_oos = F1-open, f1_overall = macro F1)"]
+    for seed in cfg.train.seeds:
+        try:
+            m = json.loads((out / f"seed_{seed}" / "metrics.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if m.get("known_labels") is not None:
+            lines.append(f"seed {seed}: {len(m['known_labels'])} of {len(m['all_labels'])} intents known: "
+                         + ", ".join(m["known_labels"]))
+    return "\n".join(lines)
 
 
 def cmd_methods(args: argparse.Namespace) -> int:
@@ -317,9 +338,13 @@ def add_train_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
     p.add_argument("--dev-split", default=None, help="early-stopping split, or train:FRACTION to hold back part of train")
     p.add_argument("--test-splits", nargs="+", default=None, help="splits reported at the end (default: test)")
     p.add_argument("--holdout-labels", default=None, help="comma-separated intents unseen in training (zero-shot)")
+    p.add_argument("--known-ratio", type=float, default=None, metavar="R",
+                   help="open intent (TEXTOIR's protocol): per seed, train on round(R*C) intents drawn at random; "
+                        "the others are out-of-scope at test time (0 < R < 1; not with --holdout-labels)")
     p.add_argument("--label-descriptions", default=None, help="YAML/JSON file label -> description")
     p.add_argument("--ood-detector", nargs="+", default=None,
-                   help="out-of-scope detectors to evaluate: msp maxlogit energy mahalanobis doc desc_sim")
+                   help="out-of-scope detectors to evaluate (space- or comma-separated): msp maxlogit energy "
+                        "mahalanobis doc desc_sim")
     p.add_argument("--outlier-exposure", action="store_true", help="train on the out-of-scope training rows too")
     p.add_argument("--feature-store", default=None,
                    help="read features from a store made by `amess data convert`; `auto` converts the pickles into "

@@ -55,6 +55,10 @@ class DataConfig:
     holdout_labels: list[str] = field(default_factory=list)
     """Intents removed from train and dev and scored at test time from their descriptions alone
     (generalised zero-shot)."""
+    known_ratio: float | None = None
+    """Open-intent protocol (thuiar's TEXTOIR): per seed, round(R * C) of the C intents are drawn as
+    known (`numpy.random.default_rng(seed)`); the model learns only those, rows of the others leave
+    train and dev and are out-of-scope in every test split. None = all intents known."""
     label_descriptions: str | None = None
     """YAML/JSON file label -> description; None = the descriptions shipped for the dataset."""
     context: bool = False
@@ -81,6 +85,13 @@ class DataConfig:
                                  f"{self.train_split}:FRACTION with 0 < FRACTION < 1 (e.g. {self.train_split}:0.1)")
         if self.num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.known_ratio is not None:
+            if not 0 < self.known_ratio < 1:
+                raise ValueError(f"--known-ratio {self.known_ratio:g}: expected a share of the intents strictly "
+                                 "between 0 and 1 (e.g. 0.25, 0.5, 0.75)")
+            if self.holdout_labels:
+                raise ValueError("--known-ratio and --holdout-labels cannot be combined: the first draws the unseen "
+                                 "intents at random per seed (open intent), the second names them (zero-shot)")
 
 
 @dataclass

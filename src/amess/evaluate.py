@@ -2,7 +2,8 @@
 `model_spec.json` and `model.pt` (no retraining, no refitting: the out-of-scope detectors
 are the ones fitted at training time), scored on the split, and the split's figures are
 merged into `summary.json`. Exactly the run's seeds are used; a missing one is an error
-that names it."""
+that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
+intents (`model_spec.json`) decide which rows are out-of-scope for it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 
 from amess.config import Config
 from amess.training.artifacts import summarise, write_json
-from amess.training.data import make_loader, read_modalities
+from amess.training.data import make_loader, read_modalities, remap_to_known
 from amess.training.distributed import make_accelerator, prepare_model
 from amess.training.evaluation import predict, score_detector, split_metrics
 from amess.training.runner import seed_finished
@@ -43,10 +44,14 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
     for seed in cfg.train.seeds:
         sd = run_dir / f"seed_{seed}"
         p = Predictor(sd)
-        if p.label_names != reader.label_names:
+        run_labels = p.spec.get("all_labels") or p.label_names
+        if run_labels != reader.label_names:
             raise DataError(f"{reader.data_dir}: its labels {reader.label_names} differ from the run's "
-                            f"{p.label_names} (labels are matched by name and order)")
-        loader = make_loader(target, p.config, p.collator, shuffle=False, seed=seed,
+                            f"{run_labels} (labels are matched by name and order)")
+        split_data = target
+        if p.spec.get("known_labels") is not None:  # open intent: this seed's unknown intents are out-of-scope
+            split_data = remap_to_known(target, reader.label_names, p.spec["known_labels"], drop_unknown=False)
+        loader = make_loader(split_data, p.config, p.collator, shuffle=False, seed=seed,
                              batch_size=p.config.train.eval_batch_size)
         model, loader = prepare_model(p.model, accelerator), accelerator.prepare(loader)
         res = predict(model, loader, accelerator, split)

@@ -84,6 +84,10 @@ class Predictor:
         spec = read_spec(self.seed_dir)
         self.spec = spec
         self.label_names: list[str] = spec["label_names"]
+        self.known_labels: list[str] | None = spec.get("known_labels")
+        """Open intent (`--known-ratio`): the intents this seed learnt (== label_names); an utterance
+        of any other intent is ranked among them, and the detectors' verdicts (`Prediction.ood`) are
+        what tell it is none of them. None for a run over all intents."""
         self.method: str = spec["method"]
         self.config = Config.from_dict(spec["config"])
         enc = spec["encoder"]
@@ -102,7 +106,8 @@ class Predictor:
         self.detectors = {name: FittedDetector.from_state(st) for name, st in spec["ood"].items()}
 
     def __repr__(self) -> str:
-        return (f"Predictor({self.seed_dir}, method={self.method!r}, {len(self.label_names)} intents, "
+        known = "" if self.known_labels is None else f" (known of {len(self.spec.get('all_labels') or [])})"
+        return (f"Predictor({self.seed_dir}, method={self.method!r}, {len(self.label_names)} intents{known}, "
                 f"modalities={['text', *self.feature_dims]}, detectors={list(self.detectors)})")
 
     def _features(self, name: str, arrays: Sequence[np.ndarray | None] | None, n: int) -> list[np.ndarray | None]:

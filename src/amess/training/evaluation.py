@@ -121,7 +121,9 @@ def _cat_ragged(xs: list[np.ndarray]) -> np.ndarray:
 def split_metrics(res: EvalResult, num_labels: int, label_names: list[str],
                   holdout_labels: list[str] | None = None) -> dict[str, float]:
     """In-scope metrics (rows with gold < C, plain argmax); generalised zero-shot
-    accuracy on seen / unseen intents when intents were held out."""
+    accuracy on seen / unseen intents when intents were held out. Under the open-intent
+    protocol C is the number of known intents: these figures are over the rows of known
+    intents only (the K+1-class figures are the detectors', `score_detector`)."""
     ins = res.labels < num_labels
     if not ins.any():
         return {}
@@ -165,7 +167,13 @@ class FittedDetector:
 def fit_detectors(cfg: Config, train: EvalResult, dev: EvalResult) -> dict[str, FittedDetector]:
     """Fit each configured detector on the training outputs and choose its threshold on dev
     (DOC keeps its natural cut). desc_sim is skipped, with a warning, for a method that
-    gives no similarities to label descriptions."""
+    gives no similarities to label descriptions.
+
+    A dev split without out-of-scope rows (MIntRec, MIntRec2.0 `in-scope`, and the
+    open-intent protocol, `data.known_ratio`, whose dev holds known intents only, as
+    TEXTOIR's does) cannot show what a rejection costs, so each tuned detector takes the
+    cut that keeps 95% of the in-scope dev rows (`amess.ood.tune_threshold`'s fallback,
+    recorded as `fallback_tpr95`): no unknown-intent row is ever looked at before test."""
     from amess.ood import build_detector, tune_threshold
 
     tb, db = train.bundle(), dev.bundle()
@@ -180,6 +188,8 @@ def fit_detectors(cfg: Config, train: EvalResult, dev: EvalResult) -> dict[str, 
             fitted[name] = FittedDetector(name, det, float(det.natural_threshold), False, False)
         else:
             thr, info = tune_threshold(det.score(db), db.preds(), db.labels, db.num_labels, metric=cfg.ood.tune_metric)
+            if info["fallback"]:
+                log.info("ood detector %s: %s (%.4g)", name, info["reason"], thr)
             fitted[name] = FittedDetector(name, det, float(thr), True, bool(info["fallback"]))
     return fitted
 

@@ -208,6 +208,15 @@ def load_checkpoint(model, path: Path) -> None:
     check_parameters(model, str(path))
 
 
+def open_intent_info(cfg: Config, data: PreparedData) -> dict:
+    """Which intents this seed knew under `data.known_ratio` (empty without it): recorded in
+    metrics.json and model_spec.json."""
+    if data.known_labels is None:
+        return {}
+    return {"known_ratio": cfg.data.known_ratio, "known_labels": list(data.known_labels),
+            "unknown_labels": data.unknown_labels, "all_labels": list(data.all_label_names or [])}
+
+
 def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict:
     """Train one seed into `seed_dir` (resuming from its training state when there is
     one); returns `{split: metrics}` of the best checkpoint."""
@@ -254,7 +263,8 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
                 "parameters": sum(p.numel() for p in inner.parameters()),
                 "trainable_parameters": sum(p.numel() for p in inner.parameters() if p.requires_grad),
                 "peak_rss_mib": peak_rss_mib(),
-                "label_names": data.label_names, "history": fr.history, "metrics": metrics}
+                "label_names": data.label_names, **open_intent_info(cfg, data), "history": fr.history,
+                "metrics": metrics}
         write_json(seed_dir / METRICS_FILE, info)  # last: the seed is finished
         (seed_dir / STATE_FILE).unlink(missing_ok=True)
     accelerator.wait_for_everyone()

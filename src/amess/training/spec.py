@@ -1,11 +1,13 @@
 """`model_spec.json`: everything needed to rebuild and use a trained model without its
 dataset (`amess.predictor.load_run`).
 
-It records the method and its settings, the label names, the feature sizes and, where a
-provenance file says so, which extractor made the features, the text max length, the
-encoder (name, parts, and the folder `encoder/` holding its config and tokenizer), the
-label descriptions used, and the fitted state of each out-of-scope detector (DOC
-thresholds, Mahalanobis means and whitening, tuned thresholds).
+It records the method and its settings, the label names (under the open-intent protocol,
+`data.known_ratio`, the seed's known intents, with `known_labels` and the dataset's
+`all_labels`), the feature sizes and, where a provenance file says so, which extractor
+made the features, the text max length, the encoder (name, parts, and the folder
+`encoder/` holding its config and tokenizer), the label descriptions used, and the fitted
+state of each out-of-scope detector (DOC thresholds, Mahalanobis means and whitening,
+tuned thresholds).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ def build_spec(cfg: Config, data, encoder, descriptions: list[str] | None, detec
         "task": cfg.data.task,
         "label_names": list(data.label_names),
         "oos_label": data.reader.spec.oos_label,
+        # open intent (`data.known_ratio`): the head knows only `known_labels` (== label_names);
+        # utterances of the other intents are meant to be caught by the detectors
+        "known_ratio": cfg.data.known_ratio,
+        "known_labels": list(data.known_labels) if data.known_labels is not None else None,
+        "all_labels": list(data.all_label_names or data.label_names),
         "modalities": ["text", *data.feature_dims],
         "feature_dims": data.feature_dims,
         "features": sources,
