@@ -390,3 +390,81 @@ def test_training_steps_reduce_loss(kw):
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.85 * losses[0]
+
+
+# ----- cost switches (issue "A-MESS at the cost of two text passes") ---------------------
+
+def test_pool_frames_means_real_frames_only():
+    from amess.models.amess import pool_frames
+
+    x = torch.arange(2 * 7 * 1, dtype=torch.float32).view(2, 7, 1)
+    mask = torch.tensor([[1] * 7, [1] * 3 + [0] * 4]).bool()
+    x = x * mask[..., None]
+    same, same_mask = pool_frames(x, mask, 7)
+    assert same is x and same_mask is mask
+    p, pm = pool_frames(x, mask, 3)  # window ceil(7 / 3) = 3: windows [0:3], [3:6], [6:7]
+    assert p.shape == (2, 3, 1)
+    assert p[0, :, 0].tolist() == [1.0, 4.0, 6.0]
+    assert p[1, 0, 0].item() == 8.0 and pm[1].tolist() == [True, False, False]  # mean of 7, 8, 9
+    assert pm[0].all()
+    p2, pm2 = pool_frames(x[1:, :5], mask[1:, :5], 2)  # a padded window counts its real frames only
+    assert p2[0, :, 0].tolist() == [8.0, 0.0] and pm2[0].tolist() == [True, False]
+
+
+def test_max_frames_bounds_what_the_nonverbal_encoders_see():
+    model = make_model(max_frames=2).eval()
+    full = make_model().eval()
+    batch = make_batch()
+    streams = model._streams(batch)
+    assert all(h.shape[1] <= 2 for h, _ in streams)
+    assert [h.shape[1] for h, _ in full._streams(batch)] == [7, 9]
+    assert torch.isfinite(model(batch).logits).all()
+
+
+def test_desc_refresh_reencodes_every_nth_step_only():
+    model = make_model(desc_refresh=3).train()
+    assert {"desc_stale", "desc_step"} <= set(model.state_dict())  # resumed runs keep the schedule
+    calls = []
+    orig = model._encode_descriptions
+    model._encode_descriptions = lambda: calls.append(1) or orig()
+    batch = make_batch()
+    grads = []
+    for _ in range(7):
+        model.zero_grad()
+        out = model(batch)
+        loss, _ = model.loss(out, batch)
+        loss.backward()
+        emb = model.encoder.model.get_input_embeddings().weight.grad
+        grads.append(float(emb[10].abs().sum()))  # "w10" occurs only in a description
+    assert len(calls) == 3 and int(model.desc_step) == 7  # steps 0, 3, 6
+    assert [g > 0 for g in grads] == [True, False, False, True, False, False, True]
+    assert model.proj_desc.weight.grad is not None  # the projection learns on every step
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    assert len(calls) == 4  # evaluation encodes with the current weights
+    assert "desc_stale" not in make_model().state_dict()  # the default keeps the old checkpoint layout
+
+
+def test_text_view_without_gradient_is_a_forward_pass_only():
+    batch = make_batch()
+    for grad in (True, False):
+        model = make_model(text_view_grad=grad).train()
+        seen = []
+        enc_forward = model.encoder.forward
+
+        def spy(*a, **k):
+            seen.append(torch.is_grad_enabled())
+            return enc_forward(*a, **k)
+
+        model.encoder.forward = spy
+        out = model(batch)
+        assert "z_t" in out.extras and out.extras["z_t"].requires_grad  # the projection still learns
+        assert seen[-1] is grad  # the text-only pass is the last encoder call
+
+
+def test_cost_switches_are_validated():
+    with pytest.raises(ValueError, match="desc_refresh"):
+        AmessConfig(desc_refresh=0)
+    with pytest.raises(ValueError, match="max_frames"):
+        AmessConfig(max_frames=0)

@@ -90,16 +90,17 @@ class AmessSettings:
     `frozen` (the pretrained encoder, encoded once at construction and cached)."""
     desc_max_len: int = 64
     """Max tokens of a label description, special tokens included."""
-    desc_refresh: int = 1
+    desc_refresh: int = 4
     """With the `shared` description encoder: re-encode the descriptions through the encoder
     (with gradients) every N-th training step; the steps in between reuse the pooled vectors
     of the last re-encoding (no gradient into the encoder from them; the projection still
-    learns). 1 = every step. Evaluation always encodes with the current weights."""
-    text_view_grad: bool = True
+    learns). 1 = every step (the cost of the description pass, ~3x the utterance pass on
+    MIntRec, is then paid every step). Evaluation always encodes with the current weights."""
+    text_view_grad: bool = False
     """Back-propagate through the encoder's text-only pass for z_t. False runs that pass
     without gradients (a stop-gradient view: a forward pass instead of a forward and a
     backward one); the shared projection still learns from z_t."""
-    max_frames: int | None = None
+    max_frames: int | None = 32
     """Average-pool each non-verbal stream over consecutive real frames to at most this many
     frames before its encoder (masks from the true lengths; a pooled frame averages only real
     frames). None keeps every frame."""
@@ -416,8 +417,13 @@ class AMESS(IntentModel):
         return e
 
     def train(self, mode: bool = True) -> "AMESS":
-        self._eval_desc = None  # weights may change from here on
+        if mode:
+            self._eval_desc = None  # weights may change from here on
         return super().train(mode)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._eval_desc = None  # new weights: the evaluation cache is stale
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         """(b, h) -> (b, p) normalised utterance embedding (SS 3), for z_m and z_t alike."""
