@@ -52,9 +52,13 @@ def _cfg(data_dir: Path, name: str, modalities: list[str], batch: int, extra: di
 
 
 class Bench:
-    """Holds one method's model, loaders and optimiser so that methods can be alternated."""
+    """Holds one method's model, loaders and optimiser so that methods can be alternated.
 
-    def __init__(self, cfg):
+    On a GPU every figure is read after `torch.cuda.synchronize()`; batches go to the
+    accelerator's device, and inference runs under its autocast (`train.precision`), as in
+    the training loop's evaluation. `eval_batch_size`: the inference batch."""
+
+    def __init__(self, cfg, eval_batch_size: int = 64):
         from amess.training.data import make_loader
         from amess.training.distributed import make_accelerator, prepare_model
         from amess.training.loop import make_optimizer
@@ -62,14 +66,22 @@ class Bench:
 
         self.cfg = cfg
         self.acc = make_accelerator(cfg)
+        dev = self.acc.device
         self.data, model, self.collator, _ = setup_seed(cfg, 0)
         opt, sched = make_optimizer(cfg, model, 10_000)
-        loader = make_loader(self.data.train, cfg, self.collator, shuffle=True, seed=0, batch_size=cfg.train.batch_size)
-        self.model = prepare_model(model, self.acc)
+        loader = make_loader(self.data.train, cfg, self.collator, shuffle=True, seed=0, batch_size=cfg.train.batch_size,
+                             device=dev)
+        self.model = prepare_model(model, self.acc, compile=cfg.train.compile)
         self.opt, self.loader, self.sched = self.acc.prepare(opt, loader, sched)
-        self.eval_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0, batch_size=64)
-        self.one_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0, batch_size=1)
+        self.eval_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0,
+                                       batch_size=eval_batch_size, device=dev)
+        self.one_loader = make_loader(self.data.train, cfg, self.collator, shuffle=False, seed=0, batch_size=1,
+                                      device=dev)
         self._it = iter(self.loader)
+
+    def _sync(self) -> None:
+        if self.acc.device.type == "cuda":
+            torch.cuda.synchronize(self.acc.device)
 
     def _next(self):
         try:
@@ -83,23 +95,48 @@ class Bench:
         from amess.training.loop import train_step
 
         self.model.train()
+        self._sync()
         n, t = 0, time.perf_counter()
         for _ in range(steps):
             batch = self._next()
             train_step(self.cfg, self.model, batch, self.opt, self.sched, self.acc, len(self.data.label_names))
             n += len(batch)
+        self._sync()
         return n / (time.perf_counter() - t)
+
+    def train_flops(self, steps: int = 1) -> float:
+        """Model FLOPs per training sample, counted by torch's `FlopCounterMode` over `steps`
+        real training steps (forward and backward of the padded batches as run; the optimiser's
+        elementwise update counts nothing). Not meaningful on a compiled model (its kernels
+        bypass the counter): count on the eager one."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from amess.training.loop import train_step
+
+        self.model.train()
+        n = 0
+        with FlopCounterMode(display=False) as counter:
+            for _ in range(steps):
+                batch = self._next()
+                train_step(self.cfg, self.model, batch, self.opt, self.sched, self.acc, len(self.data.label_names))
+                n += len(batch)
+        return counter.get_total_flops() / n
 
     @torch.no_grad()
     def infer(self, batches: int) -> float:
         self.model.eval()
+        inner = self.acc.unwrap_model(self.model)
+        self._sync()
         n, t = 0, time.perf_counter()
         for i, batch in enumerate(self.eval_loader):
             if i >= batches:
                 break
-            out = self.model(batch)
-            self.acc.unwrap_model(self.model).predict_scores(out)
+            batch = batch.to(self.acc.device)
+            with self.acc.autocast():
+                out = self.model(batch)
+                inner.predict_scores(out)
             n += len(batch)
+        self._sync()
         return n / (time.perf_counter() - t)
 
     @torch.no_grad()
@@ -109,8 +146,11 @@ class Bench:
         for i, batch in enumerate(self.one_loader):
             if i >= count:
                 break
+            self._sync()
             t = time.perf_counter()
-            self.model(batch)
+            with self.acc.autocast():
+                self.model(batch.to(self.acc.device))
+            self._sync()
             times.append(1000 * (time.perf_counter() - t))
         return statistics.median(times)
 

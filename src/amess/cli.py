@@ -123,6 +123,7 @@ def build_train_config(args: argparse.Namespace):
         ("seeds", "train.seeds"), ("epochs", "train.epochs"), ("batch_size", "train.batch_size"),
         ("lr", "train.lr"), ("encoder_lr", "train.encoder_lr"), ("patience", "train.patience"),
         ("precision", "train.precision"), ("max_steps", "train.max_steps"), ("threads", "train.threads"),
+        ("compile", "train.compile"),
         ("dev_split", "data.dev_split"), ("test_splits", "data.test_splits"), ("monitor", "train.monitor"),
         ("known_ratio", "data.known_ratio"))))
     if args.holdout_labels:
@@ -333,6 +334,8 @@ def add_train_args(p: argparse.ArgumentParser, *, with_method: bool = True) -> N
     p.add_argument("--patience", type=int, default=None)
     p.add_argument("--monitor", default=None, help="dev metric for early stopping (default f1_macro)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None)
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the model's forward (GPU; the first steps are slow)")
     p.add_argument("--max-steps", type=int, default=None, help="stop after N optimiser steps (smoke tests)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--dev-split", default=None, help="early-stopping split, or train:FRACTION to hold back part of train")

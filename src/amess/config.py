@@ -136,7 +136,20 @@ class TrainConfig:
     monitor: str = "f1_macro"
     """Dev metric that selects the best epoch (any key of `amess.metrics.classification_metrics`)."""
     precision: str = "fp32"
-    """`fp32`, `bf16` or `fp16` (mixed precision through accelerate)."""
+    """`fp32`, `bf16` or `fp16` (mixed precision through accelerate: autocast around each forward
+    and loss, weights and optimiser state stay float32). `bf16` works on a CPU and on a GPU; `fp16`
+    needs a CUDA GPU (with a gradient scaler) and is refused on a CPU, where accelerate would
+    silently run fp32."""
+    tf32: bool = True
+    """On a CUDA GPU, let float32 matrix products and convolutions use TensorFloat-32 (cuBLAS and
+    cuDNN; Ampere and later): several times faster at about 10 bits of mantissa. Set when the
+    accelerator is created; no effect on a CPU. false = full float32 (IEEE) products."""
+    compile: bool = False
+    """`torch.compile` the model's forward after it is placed on its device (in place,
+    `nn.Module.compile`: the module, its `.loss`, its state_dict keys and the saved checkpoints
+    stay as they are). The first steps are slow while the graphs are compiled, again for
+    evaluation and for new batch shapes; pays off on a GPU over long runs. A run folder may be
+    resumed with or without it."""
     max_steps: int | None = None
     """Stop after this many optimiser steps in total (smoke tests); None = no limit."""
     threads: int | None = None
@@ -155,6 +168,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        for name in ("tf32", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         from amess.metrics import CLASSIFICATION_KEYS
 
         if not self.seeds:

@@ -35,7 +35,7 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
     if missing:
         raise FileNotFoundError(f"{run_dir}: seed(s) {missing} of this run are not finished (no seed_N/metrics.json "
                                 f"and model_spec.json); rerun `amess train` with the same --out to finish them")
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, training=False)
     reader = get_reader(replace(cfg.data, modalities=read_modalities(cfg)))
     if split not in reader.available_splits():
         raise FileNotFoundError(f"{reader.split_file(split)}: split {split!r} not found")
@@ -52,7 +52,7 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
         if p.spec.get("known_labels") is not None:  # open intent: this seed's unknown intents are out-of-scope
             split_data = remap_to_known(target, reader.label_names, p.spec["known_labels"], drop_unknown=False)
         loader = make_loader(split_data, p.config, p.collator, shuffle=False, seed=seed,
-                             batch_size=p.config.train.eval_batch_size)
+                             batch_size=p.config.train.eval_batch_size, device=accelerator.device)
         model, loader = prepare_model(p.model, accelerator), accelerator.prepare(loader)
         res = predict(model, loader, accelerator, split)
         m = split_metrics(res, len(p.label_names), p.label_names, p.config.data.holdout_labels)

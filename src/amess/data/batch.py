@@ -44,14 +44,25 @@ class Batch:
     audio_mask: torch.Tensor | None = None  # (b, m_a) bool
     extras: dict = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "Batch":
-        out = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            out[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        out["extras"] = {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                         for k, v in self.extras.items()}
+    def _map(self, fn) -> "Batch":
+        """A new batch with `fn` applied to every tensor (fields and extras)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        out["extras"] = {k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in self.extras.items()}
         return Batch(**out)
+
+    def to(self, device: torch.device | str, non_blocking: bool | None = None) -> "Batch":
+        """The batch on `device`. `non_blocking` (default: True for a CUDA device, else False):
+        asynchronous host-to-GPU copies, which overlap the next step when the batch is in pinned
+        memory (`pin_memory`); never for copies to the CPU, whose values must be there on return."""
+        if non_blocking is None:
+            non_blocking = torch.device(device).type == "cuda"
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (the DataLoader calls this with `pin_memory=True`,
+        which `make_loader` sets for a CUDA device)."""
+        return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -29,6 +29,14 @@ ENCODER_PARTS = ("pooler", "mlm_head")
 """Optional parts of the text encoder a method can ask for (`IntentModel.encoder_parts`)."""
 
 
+def autocast_off(device: torch.device):
+    """A context in which autocast (`train.precision=bf16/fp16`) is off: for ops that have no
+    low-precision kernel on every device, run in float32 on float32 inputs. Recurrent layers
+    are such ops: oneDNN has no bf16 LSTM on CPUs without native bf16 ("could not create a
+    primitive descriptor for the LSTM forward propagation primitive")."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 @dataclass
 class IntentOutput:
     """What a method returns for a batch.

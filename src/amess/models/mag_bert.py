@@ -71,7 +71,7 @@ from torch import nn
 
 from amess.config import Config
 from amess.data.batch import Batch
-from amess.models.base import IntentModel, IntentOutput, register_method
+from amess.models.base import IntentModel, IntentOutput, autocast_off, register_method
 from amess.models.encoders import TextEncoder
 
 ALIGN_MODES = ("area", "ctc")
@@ -159,7 +159,8 @@ class CTCAligner(nn.Module):
     def forward(self, x: torch.Tensor, frame_mask: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         b, n = text_mask.shape
         t = self.max_len
-        logits, _ = self.lstm(x)  # (b, m, 1 + t), index 0 = blank
+        with autocast_off(x.device):  # a float32 LSTM under mixed precision (see `autocast_off`)
+            logits, _ = self.lstm(x.float())  # (b, m, 1 + t), index 0 = blank
         real_pos = text_mask[:, :t]
         if real_pos.shape[1] < t:
             real_pos = F.pad(real_pos, (0, t - real_pos.shape[1]))

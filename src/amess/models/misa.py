@@ -78,7 +78,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from amess.data.batch import Batch
-from amess.models.base import IntentModel, IntentOutput, register_method
+from amess.models.base import IntentModel, IntentOutput, autocast_off, register_method
 from amess.models.encoders import TextEncoder
 
 RNN_CELLS = ("lstm", "gru")
@@ -212,19 +212,21 @@ class SequenceSummary(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b = x.shape[0]
         lengths = mask.sum(1)  # (b,)
-        out = x.new_zeros(b, self.out_dim)
-        rows = torch.nonzero(lengths > 0).squeeze(1)  # samples with frames
-        if rows.numel() == 0:
-            return out
-        lens = lengths[rows].cpu()
-        packed = pack_padded_sequence(x[rows], lens, batch_first=True, enforce_sorted=False)
-        h1, final1 = self.rnn1(packed)
-        h1, _ = pad_packed_sequence(h1, batch_first=True)  # (b', m', 2r)
-        packed2 = pack_padded_sequence(self.norm(h1), lens, batch_first=True, enforce_sorted=False)
-        _, final2 = self.rnn2(packed2)
-        # (2 directions, b', r) each -> cat -> (2, b', 2r) -> the reference's permute + view
-        finals = torch.cat([self._final(final1), self._final(final2)], dim=2)
-        return out.index_copy(0, rows, rearrange(finals, "dir b r -> b (dir r)"))
+        with autocast_off(x.device):  # float32 RNNs under mixed precision (see `autocast_off`)
+            x = x.float()
+            out = x.new_zeros(b, self.out_dim)
+            rows = torch.nonzero(lengths > 0).squeeze(1)  # samples with frames
+            if rows.numel() == 0:
+                return out
+            lens = lengths[rows].cpu()
+            packed = pack_padded_sequence(x[rows], lens, batch_first=True, enforce_sorted=False)
+            h1, final1 = self.rnn1(packed)
+            h1, _ = pad_packed_sequence(h1, batch_first=True)  # (b', m', 2r)
+            packed2 = pack_padded_sequence(self.norm(h1), lens, batch_first=True, enforce_sorted=False)
+            _, final2 = self.rnn2(packed2)
+            # (2 directions, b', r) each -> cat -> (2, b', 2r) -> the reference's permute + view
+            finals = torch.cat([self._final(final1), self._final(final2)], dim=2)
+            return out.index_copy(0, rows, rearrange(finals, "dir b r -> b (dir r)"))
 
 
 @dataclass

@@ -134,7 +134,7 @@ from torch import nn
 
 from amess.config import Config
 from amess.data.batch import Batch, Sample
-from amess.models.base import IntentModel, IntentOutput, register_method
+from amess.models.base import IntentModel, IntentOutput, autocast_off, register_method
 from amess.models.encoders import TextEncoder, check_finite
 
 log = logging.getLogger(__name__)
@@ -334,7 +334,8 @@ class CTCAlign(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if mask is not None:
             x = x * mask[..., None].to(x.dtype)
-        scores, _ = self.lstm(x)  # (b, m, s + 1)
+        with autocast_off(x.device):  # a float32 LSTM under mixed precision (see `autocast_off`)
+            scores, _ = self.lstm(x.float())  # (b, m, s + 1)
         assign = scores.softmax(dim=-1)[..., 1:]  # (b, m, s), blank dropped
         if mask is not None:
             assign = assign * mask[..., None].to(assign.dtype)

@@ -207,14 +207,18 @@ def load_descriptions_for(cfg: Config, reader: DatasetReader, label_names: list[
 
 
 def make_loader(split: SplitData, cfg: Config, collator: Collator, *, shuffle: bool, seed: int,
-                batch_size: int) -> DataLoader:
+                batch_size: int, device: torch.device | str | None = None) -> DataLoader:
     """A loader over `split`; its shuffling generator is `loader.generator` (saved and restored
-    on resume)."""
+    on resume). `device`: where the batches go; on a CUDA device they are assembled in pinned
+    (page-locked) memory (`Batch.pin_memory`) so that the copy to the GPU can run asynchronously
+    (`Batch.to(..., non_blocking=True)`); never on a CPU, where pinning only costs."""
     ds = IntentDataset(split)  # frames come truncated from the feature source
     g = torch.Generator()
     g.manual_seed(seed)
+    pin = device is not None and torch.device(device).type == "cuda"
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=g,
-                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0)
+                      num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
+                      pin_memory=pin)
 
 
 def text_max_len(cfg: Config, reader: DatasetReader) -> int:

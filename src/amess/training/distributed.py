@@ -9,31 +9,65 @@ averaged with one flat all-reduce (`sync_gradients`).
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from amess.config import Config
 
+log = logging.getLogger(__name__)
 
-def make_accelerator(cfg: Config):
-    from accelerate import Accelerator
+
+def make_accelerator(cfg: Config, *, training: bool = True):
+    """The accelerator for `cfg.train`: the GPU when there is one (else the CPU), mixed precision
+    (`train.precision`), TF32 products on CUDA (`train.tf32`) and asynchronous host-to-GPU copies
+    of the (pinned) batches. `train.precision=fp16` without a CUDA GPU is an error when
+    `training` (accelerate would silently train in fp32); for evaluation it runs in fp32."""
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.state import AcceleratorState
 
+    cuda = torch.cuda.is_available()
+    precision = cfg.train.precision
+    if precision == "fp16" and not cuda:
+        if training:
+            raise ValueError("train.precision=fp16 needs a CUDA GPU (fp16 autocast with a gradient scaler); on a "
+                             "CPU use --precision bf16 (autocast works there) or fp32")
+        log.warning("train.precision=fp16 needs a CUDA GPU: running in fp32 on the CPU")
+        precision = "fp32"
     # one process may train several configurations (ablations, the demo, tests) whose
     # precision differs; the process group itself (PartialState) is kept
     AcceleratorState._reset_state()
-    return Accelerator(mixed_precision="no" if cfg.train.precision == "fp32" else cfg.train.precision,
-                       cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not cuda,
+                              dataloader_config=DataLoaderConfiguration(non_blocking=cuda))
+    if accelerator.device.type == "cuda":
+        set_tf32(cfg.train.tf32)
+    return accelerator
 
 
-def prepare_model(model, accelerator):
+def set_tf32(enabled: bool) -> None:
+    """Let (or forbid) CUDA float32 matrix products and cuDNN convolutions use TensorFloat-32.
+
+    The per-backend flags, not `torch.set_float32_matmul_precision`: that one also switches
+    the CPU's oneDNN products, and torch >= 2.9 refuses to read the precision back once its
+    legacy and new (`fp32_precision`) settings were mixed; these flags keep every reader working."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def prepare_model(model, accelerator, *, compile: bool = False):
     """Place the model on the process's device; with several processes, start every rank
-    from rank 0's weights."""
+    from rank 0's weights. `compile`: `torch.compile` its forward in place
+    (`nn.Module.compile`), so that `accelerator.unwrap_model(model)` is still the method's
+    `IntentModel` (`.loss`, `.predict_scores`) and its state_dict keys, hence the checkpoints,
+    are the uncompiled ones (no `_orig_mod.` prefix)."""
     model = model.to(accelerator.device)
     if accelerator.num_processes > 1:
         import torch.distributed as dist
 
         for t in model.state_dict().values():
             dist.broadcast(t, src=0)
+    if compile:
+        model.compile()
     return model
 
 

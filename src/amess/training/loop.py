@@ -130,15 +130,18 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator, accelerator
 
     main = accelerator.is_main_process
     ckpt, state_path = seed_dir / CHECKPOINT_FILE, seed_dir / STATE_FILE
-    train_loader = make_loader(data.train, cfg, collator, shuffle=True, seed=seed, batch_size=cfg.train.batch_size)
+    dev = accelerator.device
+    train_loader = make_loader(data.train, cfg, collator, shuffle=True, seed=seed, batch_size=cfg.train.batch_size,
+                               device=dev)
     generator = train_loader.generator
-    dev_loader = make_loader(data.dev, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size)
+    dev_loader = make_loader(data.dev, cfg, collator, shuffle=False, seed=seed, batch_size=cfg.train.eval_batch_size,
+                             device=dev)
     steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes)
     total = steps_per_epoch * cfg.train.epochs
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     optimizer, sched = make_optimizer(cfg, model, total)
-    model = prepare_model(model, accelerator)
+    model = prepare_model(model, accelerator, compile=cfg.train.compile)
     optimizer, train_loader, dev_loader, sched = accelerator.prepare(optimizer, train_loader, dev_loader, sched)
     C = len(data.label_names)
     best, best_epoch, bad, step, n_seen, history, start, elapsed = -math.inf, -1, 0, 0, 0, [], 1, 0.0

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.json"
 RESULT_NEUTRAL = (("train", "progress"), ("train", "threads"), ("data", "num_workers"), ("train", "plots"),
-                  ("train", "mmap_threshold_kb"))
+                  ("train", "mmap_threshold_kb"), ("train", "compile"))
 """Config entries that cannot change a result: ignored when a folder's run is compared."""
 
 
@@ -236,7 +236,7 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
     infer_rows, infer_seconds = 0, 0.0
     for name, split in [("train", data.train), (data.dev_key, data.dev)] + list(data.tests.items()):
         loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
-                                                 batch_size=cfg.train.eval_batch_size))
+                                                 batch_size=cfg.train.eval_batch_size, device=accelerator.device))
         t = time.perf_counter()
         results[name] = predict(model, loader, accelerator, name)
         if name != "train":  # evaluation throughput, data loading included
