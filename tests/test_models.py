@@ -443,7 +443,11 @@ def test_desc_refresh_reencodes_every_nth_step_only():
     with torch.no_grad():
         model(batch)
     assert len(calls) == 4  # evaluation encodes with the current weights
-    assert "desc_stale" not in make_model().state_dict()  # the default keeps the old checkpoint layout
+    assert "desc_stale" not in make_model(desc_refresh=1).state_dict()  # every step: nothing to keep
+    old = {k: v for k, v in model.state_dict().items() if k not in ("desc_stale", "desc_step")}
+    fresh = make_model(desc_refresh=3)
+    fresh.load_state_dict(old)  # a checkpoint from before the switch still loads
+    assert int(fresh.desc_step) == 0
 
 
 def test_text_view_without_gradient_is_a_forward_pass_only():

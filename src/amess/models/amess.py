@@ -423,6 +423,11 @@ class AMESS(IntentModel):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._eval_desc = None  # new weights: the evaluation cache is stale
+        if hasattr(self, "desc_step") and "desc_step" not in state_dict:
+            # a checkpoint from before `desc_refresh` (or trained with 1): start the schedule afresh,
+            # re-encoding at the next training step
+            state_dict = {**state_dict, "desc_step": torch.zeros_like(self.desc_step),
+                          "desc_stale": torch.zeros_like(self.desc_stale)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
