@@ -208,7 +208,7 @@ def test_text_alone_and_too_long_labels_are_clear_errors(enc_dir, tmp_path, synt
         _model(enc_dir, video=None, audio=None)
     rc = main(["train", "--data-dir", str(synth_dir), "--method", "tcl_map", "--text-encoder", str(enc_dir),
                "--modalities", "text", "--no-progress", "--out", str(tmp_path / "r")])
-    assert rc == 2 and "tcl_map needs video or audio features" in caplog.text
+    assert rc == 2 and "'tcl_map' needs text and at least one of video, audio" in caplog.text
     labels = ["book", "request technical support urgently please"]
     with pytest.raises(ValueError, match=r"more word pieces than tcl_map.label_len=4.*label_len=5"):
         _model(enc_dir, labels=labels)

@@ -523,6 +523,7 @@ class TCLMAP(IntentModel):
     Settings = TclMapSettings
     reads = ("text", "video", "audio")
     requires = ("text",)
+    needs_nonverbal = True
     encoder_parts = ("pooler",)
 
     @classmethod
