@@ -33,7 +33,6 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,25 +236,15 @@ def embed_rows(rows: Iterable[DescriptionRow], encoder, *, granularity: str = DE
 
 
 def atomic_write(path: Path, write: Callable[[object], None], *, binary: bool = True) -> None:
-    """Call `write(file)` on a temporary file beside `path`, then move it into place with
-    `os.replace`: readers see the old file or the complete new one, never a partial one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Call `write(file)` on a temporary file beside `path` (flushed to disk), then move it into
+    place (`training.artifacts.atomic_path`): readers see the old file or the complete new one."""
+    from amess.training.artifacts import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "wb" if binary else "w",
+                                        **({} if binary else {"encoding": "utf-8"})) as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def provenance_path(out: str | Path) -> Path:
