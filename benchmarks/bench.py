@@ -275,10 +275,11 @@ def main() -> None:
     SETTINGS[:] = args.set
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
+    from amess.config import parse_variant
+
     for v in args.variant:
-        name, _, spec = v.partition("=")
-        method, _, kvs = spec.partition(":")
-        VARIANTS[name] = (method, dict(kv.split("=", 1) for kv in kvs.split(",") if kv))
+        name, method, overrides = parse_variant(v)
+        VARIANTS[name] = (method, overrides)
     methods = args.methods.split(",")
     from amess.data.synth import generate
 

@@ -106,3 +106,42 @@ def test_figures_are_publishable():
     boxes = [Text.get_window_extent(t) for t in fig.axes[0].texts]  # the words (an annotation's box includes its line)
     assert len(boxes) == 4
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_compare_variants_are_named_rows_with_their_own_settings(tmp_path, synth_dir, tiny_encoder_dir, capsys,
+                                                                  caplog):
+    import yaml
+
+    out = tmp_path / "cmp"
+    assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", "text,amess_text,mb_text",
+                    "--variant", "amess_text=amess:data.modalities=[text],amess.tau=0.2",
+                    "--variant", "mb_text=mag_bert:data.modalities=[text]",
+                    "--reference", "text", "--in-process") == 0
+    cfg = yaml.safe_load((out / "amess_text" / "config.yaml").read_text())
+    assert cfg["model"]["method"] == "amess" and cfg["data"]["modalities"] == ["text"]
+    assert cfg["amess"]["tau"] == 0.2
+    assert yaml.safe_load((out / "text" / "config.yaml").read_text())["data"]["modalities"] == ["text", "video", "audio"]
+    md = (out / "compare.md").read_text()
+    assert "| amess_text |" in md and "not defined for these modalities" in md.split("| mb_text |")[1].splitlines()[0]
+    assert "`amess_text` = `amess` with `data.modalities=[text]`, `amess.tau=0.2`" in md
+    caplog.clear()
+    assert _compare(tmp_path / "cmp3", synth_dir, tiny_encoder_dir, "--methods", "text", "--variant", "x=amess",
+                    "--in-process") == 0
+    assert "not listed in --methods" in caplog.text and not (tmp_path / "cmp3" / "x").exists()
+    for methods, variant, why in (("amess", "amess=text", "are methods already"),
+                                  ("y", "y=amess:amess.nope=1", "no such setting")):
+        caplog.clear()
+        assert _compare(out, synth_dir, tiny_encoder_dir, "--methods", methods, "--variant", variant,
+                        "--in-process") == 2
+        assert why in caplog.text
+
+
+def test_parse_variant_keeps_bracketed_commas():
+    from amess.config import parse_variant
+
+    assert parse_variant("a=amess:data.modalities=[text,video],amess.tau=0.1") == (
+        "a", "amess", {"data.modalities": "[text,video]", "amess.tau": "0.1"})
+    assert parse_variant("b=text") == ("b", "text", {})
+    for bad in ("nomethod", "=amess", "c=amess:tau"):
+        with pytest.raises(ValueError, match="--variant"):
+            parse_variant(bad)

@@ -90,27 +90,39 @@ def report_split(summaries: dict[str, dict], cfg: Config) -> str:
     return next(k for summ in summaries.values() for k in summ if k != "seeds")
 
 
-def method_config(base: Config, method: str) -> Config:
+def method_config(base: Config, method: str, variants: dict[str, tuple[str, dict]] | None = None) -> Config:
+    """The config of one row: a registered method, or a variant's method with its settings
+    (`variants`: name -> (method, overrides), from `--variant`)."""
+    if variants and method in variants:
+        real, overrides = variants[method]
+        return base.override({**overrides, "model.method": real})
     return base.override({"model.method": method})
 
 
 def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, reference: str | None = None,
-                fresh_process: bool = True) -> dict[str, Any]:
-    """Train each method (skipping those not defined for the modalities), write the tables
-    and the plot; returns `{"summaries": ..., "skipped": ..., "split": ...}`."""
+                fresh_process: bool = True, variants: dict[str, tuple[str, dict]] | None = None) -> dict[str, Any]:
+    """Train each method or variant (skipping those not defined for their modalities), write
+    the tables and the plot; returns `{"summaries": ..., "skipped": ..., "split": ...}`.
+
+    `variants`: row name -> (method, `section.key` overrides), e.g. `{"amess_text": ("amess",
+    {"data.modalities": "[text]"})}`; each row trains into `out_dir/<name>/`."""
     from amess.models import method_class
     from amess.training import run
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    variants = dict(variants or {})
+    clash = sorted(set(variants) & set(_registered()))
+    if clash:
+        raise ValueError(f"--variant names {clash} are methods already; pick another name")
     configs, skipped = {}, {}
     for m in methods:  # resolve every config first: a bad setting fails before anything trains
-        cls = method_class(m)
-        problem = cls.modality_problem(base.data.modalities)
+        cfg = method_config(base, m, variants)
+        problem = method_class(cfg.model.method).modality_problem(cfg.data.modalities)
         if problem:
             skipped[m] = problem
             continue
-        configs[m] = method_config(base, m)
+        configs[m] = cfg
     if reference is not None and reference not in configs:
         raise ValueError(f"--reference {reference!r} is not among the methods that can run: {list(configs)}")
     summaries = {}
@@ -132,7 +144,7 @@ def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, re
         else:
             summaries[m] = run(cfg, run_dir, overwrite=overwrite)
     split = report_split(summaries, base)
-    md = compare_markdown(summaries, out_dir, split, base.train.seeds, reference, skipped)
+    md = compare_markdown(summaries, out_dir, split, base.train.seeds, reference, skipped, variants)
     write_text(out_dir / "compare.md", md + "\n")
     write_compare_csv(out_dir / "compare.csv", summaries, out_dir, base.train.seeds, reference)
     from amess import plots
@@ -140,6 +152,12 @@ def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, re
     for key in ("acc", "f1_macro"):
         save_figure(plots.method_bars(summaries, split, key), out_dir, f"compare_{key}")
     return {"summaries": summaries, "skipped": skipped, "split": split, "markdown": md}
+
+
+def _registered() -> list[str]:
+    from amess.models import METHODS
+
+    return list(METHODS)
 
 
 def _pct(v: dict | None) -> str:
@@ -154,7 +172,8 @@ def _delta(d: dict | None) -> str:
 
 
 def compare_markdown(summaries: dict[str, dict], out_dir: Path, split: str, seeds: Sequence[int],
-                     reference: str | None, skipped: dict[str, str]) -> str:
+                     reference: str | None, skipped: dict[str, str],
+                     variants: dict[str, tuple[str, dict]] | None = None) -> str:
     keys = [k for k in METRIC_KEYS if any(k in s.get(split, {}) for s in summaries.values())]
     lines = [f"Methods on `{split}`, seeds {list(seeds)}: mean ± std over seeds, %."
              + (f" Δ: paired difference to `{reference}` over seeds, points (two-sided paired t-test)." if reference else ""),
@@ -183,6 +202,11 @@ def compare_markdown(summaries: dict[str, dict], out_dir: Path, split: str, seed
             o = summ.get(split, {}).get("ood", {}).get(det)
             if o:
                 lines.append(f"| {m} | " + " | ".join(_pct(o.get(k)) for k in OOD_KEYS) + " |")
+    shown = {n: v for n, v in (variants or {}).items() if n in summaries or n in skipped}
+    if shown:
+        lines += ["", "Variants: " + "; ".join(
+            f"`{n}` = `{m}` with " + ", ".join(f"`{k}={v}`" for k, v in o.items()) if o else f"`{n}` = `{m}`"
+            for n, (m, o) in shown.items()) + "."]
     lines += ["", "Efficiency: median over seeds of each seed's training and evaluation throughput (data loading "
               "included), the largest peak resident memory of the method's process."]
     return "\n".join(lines)
@@ -219,7 +243,17 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not methods:
         raise ValueError("--methods: name at least one method (see `amess methods`)")
-    res = run_compare(cfg, methods, args.out, reference=args.reference, fresh_process=not args.in_process)
+    from amess.config import parse_variant
+
+    variants = {}
+    for v in args.variant:
+        name, method, overrides = parse_variant(v)
+        variants[name] = (method, overrides)
+    unused = sorted(set(variants) - set(methods))
+    if unused:
+        log.warning("--variant %s: not listed in --methods %s, so not run", unused, methods)
+    res = run_compare(cfg, methods, args.out, reference=args.reference, fresh_process=not args.in_process,
+                      variants=variants)
     print(res["markdown"])
     print(f"\ncompare folder: {args.out} (compare.md, compare.csv, compare_acc.pdf/.png)")
     return 0
@@ -233,6 +267,9 @@ def add_cli(subparsers: Any) -> None:
                               description=__doc__.split("\n\n")[1] if __doc__ else None)
     add_train_args(p, with_method=False)
     p.add_argument("--methods", required=True, help="comma-separated method names (see `amess methods`)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=METHOD[:KEY=VALUE,...]",
+                   help="a named row: a method with settings, e.g. amess_text=amess:data.modalities=[text] "
+                        "or text_mt=text:data.context=true (then list NAME in --methods)")
     p.add_argument("--reference", default=None, help="method the others are compared with, paired by seed")
     p.add_argument("--in-process", action="store_true",
                    help="train every method in this process (faster start; peak memory is then shared)")

@@ -430,6 +430,30 @@ def flag_overrides(args: Any, pairs: tuple[tuple[str, str], ...]) -> dict[str, A
     return {key: getattr(args, flag) for flag, key in pairs if getattr(args, flag, None) is not None}
 
 
+def parse_variant(spec: str) -> tuple[str, str, dict[str, str]]:
+    """`NAME=METHOD[:section.key=value,...]` -> (name, method, overrides): a named method
+    with settings, for `amess compare --variant` and `make bench`. Commas inside brackets
+    belong to the value (`data.modalities=[text,video]`)."""
+    name, eq, rest = spec.partition("=")
+    method, _, kvs = rest.partition(":")
+    name, method = name.strip(), method.strip()
+    if not eq or not name or not method:
+        raise ValueError(f"--variant {spec!r}: expected NAME=METHOD[:section.key=value,...]")
+    items, depth, cur = [], 0, ""
+    for ch in kvs:
+        depth += (ch in "[{") - (ch in "]}")
+        if ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    items.append(cur)
+    try:
+        return name, method, parse_overrides([i for i in items if i.strip()])
+    except ValueError as e:
+        raise ValueError(f"--variant {spec!r}: {e}") from None
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, str]:
     out = {}
     for item in items or []:
