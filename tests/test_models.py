@@ -12,7 +12,8 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from amess.config import Config, ModelConfig
 from amess.models.amess import AmessSettings as AmessConfig
 from amess.data.batch import Batch
-from amess.losses import description_ce, margin_triplet, symmetric_infonce, triplet_contrastive
+from amess.losses import (description_ce, margin_triplet, supervised_infonce, symmetric_infonce,
+                          triplet_contrastive)
 from amess.models import METHODS, build_model
 from amess.models.encoders import TextEncoder
 
@@ -472,3 +473,94 @@ def test_cost_switches_are_validated():
         AmessConfig(desc_refresh=0)
     with pytest.raises(ValueError, match="max_frames"):
         AmessConfig(max_frames=0)
+
+
+# ----- SS search switches (issue 12): positives, label texts, head init, warm-up ------------
+
+def test_supervised_infonce_by_hand():
+    a, b = F.normalize(torch.randn(4, 3), dim=-1), F.normalize(torch.randn(4, 3), dim=-1)
+    distinct = torch.arange(4)
+    # with every label distinct the only positive is the row itself: CLIP's InfoNCE
+    assert supervised_infonce(a, b, distinct, 0.2).item() == pytest.approx(symmetric_infonce(a, b, 0.2).item(), rel=1e-5)
+    # one view, labels [0, 0, 1]: row 0's only positive is row 1 among rows {1, 2}; row 2 has none
+    z = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=-1)
+    y = torch.tensor([0, 0, 1])
+    s = (z @ z.t() / 0.5).tolist()
+    r0 = -math.log(math.exp(s[0][1]) / (math.exp(s[0][1]) + math.exp(s[0][2])))
+    r1 = -math.log(math.exp(s[1][0]) / (math.exp(s[1][0]) + math.exp(s[1][2])))
+    assert supervised_infonce(z, z, y, 0.5).item() == pytest.approx((r0 + r1) / 2, rel=1e-5)
+    assert supervised_infonce(z, z, distinct[:3], 0.5).item() == 0.0  # no positives: nothing to learn
+    # pulling same-label rows together lowers it
+    close = F.normalize(torch.tensor([[1.0, 0.0], [0.99, 0.1], [0.0, 1.0]]), dim=-1)
+    assert supervised_infonce(close, close, y, 0.5) < supervised_infonce(z, z, y, 0.5)
+
+
+def test_label_positives_change_the_triplet_loss():
+    z_m, z_t = F.normalize(torch.randn(4, 3), dim=-1), F.normalize(torch.randn(4, 3), dim=-1)
+    e, y = F.normalize(torch.randn(C, 3), dim=-1), torch.tensor([0, 1, 0, 1])
+    terms = [description_ce(z_m, e, y, 0.2), description_ce(z_t, e, y, 0.2), supervised_infonce(z_m, z_t, y, 0.2)]
+    got = triplet_contrastive(z_m, z_t, e, y, 0.2, positives="label")
+    assert got.item() == pytest.approx(sum(terms).item() / 3, rel=1e-6)
+    alone = triplet_contrastive(z_m, None, e, y, 0.2, text_view=False, positives="label")
+    assert alone.item() == pytest.approx((terms[0] + supervised_infonce(z_m, z_m, y, 0.2)).item() / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="positives"):
+        triplet_contrastive(z_m, z_t, e, y, 0.2, positives="batch")
+    # in the model: on text alone (no z_t) the label positives add a term, so the loss differs
+    batch = make_batch(labels=[0, 1, 0, 1])
+    losses = []
+    for pos in ("self", "label"):
+        model = make_model(video=False, audio=False, ss_positives=pos).train()
+        losses.append(model.loss(model(batch), batch)[0].item())
+    assert losses[0] != pytest.approx(losses[1])
+
+
+def test_desc_text_chooses_what_stands_for_a_label():
+    tok = tiny_encoder().tokenizer
+    decode = lambda m: [tok.decode(r[r > 4].tolist()) for r in m.desc_input_ids]  # noqa: E731
+    assert decode(make_model()) == DESCRIPTIONS
+    # the label names are not in the tiny vocabulary: they become [UNK], so compare token counts
+    named = make_model(desc_text="name")
+    assert named.desc_input_ids.shape[1] == 3  # [CLS] name [SEP]
+    both = make_model(desc_text="name+description")
+    expected = [tok(f"{n}: {d}")["input_ids"] for n, d in zip(LABELS, DESCRIPTIONS)]
+    assert [r[m.bool()].tolist() for r, m in zip(both.desc_input_ids, both.desc_attention_mask)] == expected
+    with pytest.raises(ValueError, match="desc_text"):
+        AmessConfig(desc_text="title")
+
+
+@pytest.mark.parametrize("desc_encoder", ["shared", "frozen"])
+def test_head_init_from_projected_descriptions(desc_encoder):
+    model = make_model(head_init="descriptions", desc_encoder=desc_encoder).eval()
+    random = make_model(desc_encoder=desc_encoder)
+    with torch.no_grad():
+        e = model.describe()  # (C, p) from the encoder as built
+        direction = F.normalize(e @ model.proj_utt.weight, dim=-1)
+        assert torch.allclose(F.normalize(model.head.weight, dim=-1), direction, atol=1e-5)
+        assert torch.all(model.head.bias == 0)
+        norm = random.head.weight.norm(dim=1).mean()
+        assert model.head.weight.norm(dim=1).allclose(norm.expand(C), rtol=1e-4)
+        assert not torch.allclose(F.normalize(random.head.weight, dim=-1), direction, atol=1e-2)
+    with pytest.raises(ValueError, match="head_init"):
+        AmessConfig(head_init="descriptions", ss_loss="none")
+
+
+def test_ss_warmup_ramps_the_ss_weight_and_is_resumable():
+    batch = make_batch()
+    model = make_model(ss_warmup=4, ss_lambda=0.8).train()
+    weights = []
+    for _ in range(6):
+        out = model(batch)
+        loss, parts = model.loss(out, batch)
+        weights.append(parts["ss_weight"])
+        assert loss.item() == pytest.approx(parts["ce"] + parts["ss_weight"] * parts["ss"], rel=1e-5)
+    assert weights == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8, 0.8])
+    model.eval()
+    with torch.no_grad():
+        model.loss(model(batch), batch)
+    assert int(model.ss_step) == 6  # evaluation does not advance the ramp
+    assert "ss_step" in model.state_dict() and "ss_step" not in make_model().state_dict()
+    fresh = make_model(ss_warmup=4)
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if k != "ss_step"})
+    assert int(fresh.ss_step) == 0
+    with pytest.raises(ValueError, match="ss_warmup"):
+        AmessConfig(ss_warmup=-1)

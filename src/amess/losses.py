@@ -34,25 +34,65 @@ def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tenso
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
+def supervised_infonce(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor,
+                       tau: float | torch.Tensor) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al., 2020, "SupCon out"): every row of `b` with
+    the same label as row i of `a` is a positive of it, every other row a negative.
+
+    a, b: (n, p) normalised; labels: (n,) long. When `a is b` (one view), a row is neither
+    its own positive nor in its own denominator. loss_i = -mean over positives j of
+    log softmax_j(a_i . b / tau); rows without a positive are left out; two views are
+    averaged over both directions. Returns a scalar (0 when no row has a positive).
+    """
+    same = labels[:, None] == labels[None, :]  # (n, n)
+    logits = a @ b.t() / tau
+    one_view = a is b
+    if one_view:
+        eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+        same = same & ~eye
+        logits = logits.masked_fill(eye, float("-inf"))
+
+    def one_way(lg: torch.Tensor) -> torch.Tensor:
+        logp = lg.log_softmax(dim=1).masked_fill(~same, 0.0)
+        count = same.sum(1)
+        has = count > 0
+        if not bool(has.any()):
+            return a.sum() * 0.0
+        return (-(logp.sum(1)[has] / count[has])).mean()
+
+    return one_way(logits) if one_view else 0.5 * (one_way(logits) + one_way(logits.t()))
+
+
+POSITIVES = ("self", "label")
+
+
 def triplet_contrastive(z_m: torch.Tensor, z_t: torch.Tensor | None, e: torch.Tensor,
                         labels: torch.Tensor, tau: float | torch.Tensor,
-                        text_view: bool = True) -> torch.Tensor:
+                        text_view: bool = True, positives: str = "self") -> torch.Tensor:
     """The triplet contrastive loss of SS 4: the mean of its terms.
 
     - z_m (b, p) against all descriptions e (C, p): cross-entropy towards the gold one;
     - z_t (b, p) against all descriptions: the same;
-    - z_m against z_t within the batch: symmetric InfoNCE.
+    - z_m against z_t within the batch: symmetric InfoNCE (`positives="self"`: row i of
+      z_t is the only positive of row i of z_m), or supervised InfoNCE (`"label"`: every
+      row of the same label is a positive).
 
-    With `text_view=False` only the first term remains (z_t may then be None). The terms
+    With `text_view=False` the first term remains (z_t may then be None), plus, with
+    `positives="label"`, a supervised contrastive term of z_m against itself. The terms
     are averaged, not summed, so that `ss_lambda` weighs the same whether the text view
     is on or off.
     """
+    if positives not in POSITIVES:
+        raise ValueError(f"triplet_contrastive: positives must be one of {list(POSITIVES)}, got {positives!r}")
     terms = [description_ce(z_m, e, labels, tau)]
     if text_view:
         if z_t is None:
             raise ValueError("triplet_contrastive: text_view=True needs the text-only view z_t")
         terms.append(description_ce(z_t, e, labels, tau))
-        terms.append(symmetric_infonce(z_m, z_t, tau))
+        terms.append(symmetric_infonce(z_m, z_t, tau) if positives == "self"
+                     else supervised_infonce(z_m, z_t, labels, tau))
+    elif positives == "label":
+        terms.append(supervised_infonce(z_m, z_m, labels, tau))
     return torch.stack(terms).mean()
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from amess.config import Config
 from amess.data.batch import Batch
-from amess.losses import margin_triplet, triplet_contrastive
+from amess.losses import POSITIVES, margin_triplet, triplet_contrastive
 from amess.models.base import IntentModel, IntentOutput, register_method
 from amess.models.encoders import TextEncoder
 
@@ -54,6 +54,8 @@ ANCHOR_MODES = ("topk", "learned", "all", "none")
 SS_LOSSES = ("none", "triplet", "margin")
 DESC_ENCODERS = ("shared", "frozen")
 INFERENCE_MODES = ("head", "similarity", "both")
+DESC_TEXTS = ("description", "name", "name+description")
+HEAD_INITS = ("random", "descriptions")
 
 
 @dataclass
@@ -109,12 +111,29 @@ class AmessSettings:
     cosine similarities to the descriptions) or `both` (the average of the two)."""
     margin: float = 0.2
     """Cosine margin of the `margin` SS loss."""
+    desc_text: str = "description"
+    """What stands for a label in SS: its `description` (the dataset's label descriptions),
+    its `name` alone ("Complain"), or `name+description` ("Complain: <description>")."""
+    head_init: str = "random"
+    """Classifier init: `random` (PyTorch's default), or `descriptions`: row c of the head is
+    P_u^T e_c (e_c the projected, normalised description of label c from the pretrained
+    encoder, P_u the utterance projection), rescaled to the default init's row norm, bias 0:
+    at step 0 the head scores a pooled utterance by its (unnormalised) similarity to each
+    description in the shared space. Needs an SS loss and descriptions."""
+    ss_positives: str = "self"
+    """Positives of the in-batch contrastive term of the triplet loss: `self` (z_m_i against
+    z_t_i only, as SS 4) or `label` (supervised contrastive: every row of the same intent;
+    on text alone, where there is no z_t, this adds a SupCon term of z_m against itself)."""
+    ss_warmup: int = 0
+    """Training steps over which the SS weight rises linearly from 0 to `ss_lambda` (0 = the
+    full weight from the first step)."""
     gate_init: float = -2.0
     """Initial bias of the fusion gate: sigmoid(-2) = 0.12, so training starts near the text model."""
 
     def __post_init__(self) -> None:
         choices = {"anchor_mode": ANCHOR_MODES, "ss_loss": SS_LOSSES, "desc_encoder": DESC_ENCODERS,
-                   "inference": INFERENCE_MODES}
+                   "inference": INFERENCE_MODES, "desc_text": DESC_TEXTS, "head_init": HEAD_INITS,
+                   "ss_positives": POSITIVES}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"amess.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -140,6 +159,11 @@ class AmessSettings:
             raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
         if self.ss_loss == "margin" and not 0 < self.margin <= 2:
             raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
+        if self.ss_warmup < 0:
+            raise ValueError(f"amess.ss_warmup must be >= 0 (steps), got {self.ss_warmup}")
+        if self.head_init == "descriptions" and self.ss_loss == "none":
+            raise ValueError("amess.head_init=descriptions initialises the head from the projected "
+                             "descriptions, which amess.ss_loss=none does not build; use head_init=random")
         if self.inference != "head" and self.ss_loss == "none":
             raise ValueError(f"amess.inference={self.inference!r} scores by similarity to the label "
                              "descriptions, a space that amess.ss_loss=none never trains; use "
@@ -334,12 +358,17 @@ class AMESS(IntentModel):
             raise ValueError(f"amess.ss_loss={cfg.ss_loss!r} needs label descriptions (one per label); "
                              "give the dataset's descriptions or set amess.ss_loss=none")
         if self.has_descriptions:
-            self._register_descriptions(list(descriptions), num_labels, label_names)
+            self._register_descriptions(self._label_texts(list(descriptions), label_names), num_labels,
+                                        label_names)
         if cfg.ss_loss != "none":
             self.proj_utt = nn.Linear(encoder.hidden_size, cfg.proj_dim)
             self.proj_desc = nn.Linear(encoder.hidden_size, cfg.proj_dim)
         else:
             self.proj_utt = self.proj_desc = None
+        if cfg.head_init == "descriptions":
+            self._init_head_from_descriptions()
+        if cfg.ss_warmup > 0:  # saved, so that a resumed run continues the ramp
+            self.register_buffer("ss_step", torch.zeros((), dtype=torch.long))
         # The margin loss compares raw cosines, so only the triplet loss can learn 1/tau; a
         # parameter without gradient would also trip DDP. Similarity inference reads it too.
         log_scale = torch.tensor(math.log(1.0 / cfg.tau))
@@ -349,6 +378,31 @@ class AMESS(IntentModel):
             self.register_buffer("log_scale", log_scale)
 
     # ----- SS 1-2: descriptions -------------------------------------------------------
+
+    def _label_texts(self, descriptions: list[str], label_names: Sequence[str] | None) -> list[str]:
+        """The texts that stand for the labels (`desc_text`)."""
+        if self.cfg.desc_text == "description":
+            return descriptions
+        if label_names is None or len(label_names) != len(descriptions):
+            raise ValueError(f"amess.desc_text={self.cfg.desc_text!r} needs the label names, one per label")
+        if self.cfg.desc_text == "name":
+            return list(label_names)
+        return [f"{n}: {d}" for n, d in zip(label_names, descriptions)]
+
+    def _init_head_from_descriptions(self) -> None:
+        """`head_init=descriptions`: head row c = P_u^T e_c at the default init's row norm."""
+        if not self.has_descriptions:
+            raise ValueError("amess.head_init=descriptions needs label descriptions")
+        was_training = self.encoder.training
+        self.encoder.eval()
+        with torch.no_grad():
+            pooled = self.desc_cache if self.cfg.desc_encoder == "frozen" else self._encode_descriptions()
+            e = F.normalize(self.proj_desc(pooled), dim=-1)  # (C, p)
+            w = e @ self.proj_utt.weight  # (C, h)
+            target = self.head.weight.norm(dim=1).mean()
+            self.head.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) * target)
+            self.head.bias.zero_()
+        self.encoder.train(was_training)
 
     def _register_descriptions(self, descriptions: list[str], num_labels: int,
                                label_names: Sequence[str] | None) -> None:
@@ -423,6 +477,8 @@ class AMESS(IntentModel):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._eval_desc = None  # new weights: the evaluation cache is stale
+        if hasattr(self, "ss_step") and "ss_step" not in state_dict:
+            state_dict = {**state_dict, "ss_step": torch.zeros_like(self.ss_step)}
         if hasattr(self, "desc_step") and "desc_step" not in state_dict:
             # a checkpoint from before `desc_refresh` (or trained with 1): start the schedule afresh,
             # re-encoding at the next training step
@@ -580,11 +636,18 @@ class AMESS(IntentModel):
         scale = self.logit_scale()
         if self.cfg.ss_loss == "triplet":
             z_t = out.extras["z_t"][keep] if "z_t" in out.extras else None  # absent at evaluation
-            ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=z_t is not None)
+            ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=z_t is not None,
+                                     positives=self.cfg.ss_positives)
         else:
             ss = margin_triplet(z_m, desc, y, self.cfg.margin)
+        weight = self.cfg.ss_lambda
+        if self.cfg.ss_warmup > 0:
+            weight *= min(1.0, (int(self.ss_step) + 1) / self.cfg.ss_warmup)
+            if self.training and torch.is_grad_enabled():
+                self.ss_step += 1
+            parts["ss_weight"] = weight
         parts.update(ss=float(ss.detach()), scale=float(scale.detach()))
-        return ce + self.cfg.ss_lambda * ss, parts
+        return ce + weight * ss, parts
 
     def predict_scores(self, out: IntentOutput) -> torch.Tensor:
         """SS 6: (b, C) probabilities from the head, the descriptions, or their average."""
