@@ -132,3 +132,30 @@ def test_a_run_on_changed_data_is_not_reused(tmp_path, synth_dir, tiny_encoder_d
     cfg = Config.load(out / "config.yaml")
     assert holds_other_run(out, cfg)  # callers that own their folders (ablate, compare, demo) re-run it
     assert _train(out, data, tiny_encoder_dir, *args, "--overwrite") == 0 and not holds_other_run(out, cfg)
+
+
+def test_two_processes_never_train_into_one_folder(tmp_path, synth_dir, tiny_encoder_dir, caplog):
+    """A second `amess train` on a folder another process is training into is refused (its
+    seeds would mix with the first's); once that process is gone, the folder is usable."""
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from amess.training.runner import run_lock\n"
+        "with run_lock(Path(sys.argv[1])):\n    print('locked', flush=True); time.sleep(60)"), str(out)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert _train(out, synth_dir, tiny_encoder_dir, "--epochs", "1", "--max-steps", "1") == 2
+        msg = caplog.records[-1].getMessage()
+        assert f"another amess process (pid {holder.pid}) is training into it" in msg
+        assert [p.name for p in out.iterdir()] == [".lock"]  # nothing written beside the other's run
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    assert _train(out, synth_dir, tiny_encoder_dir, "--epochs", "1", "--max-steps", "1") == 0  # the lock died with it
+    assert (out / "summary.json").is_file()

@@ -15,6 +15,7 @@ settings that differ (`overwrite=True` replaces it); nothing is silently clobber
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import resource
 import shutil
@@ -72,6 +73,34 @@ def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
 
 RUN_FILE = "run.json"
 """The run's data fingerprint (and the toolkit version), beside config.yaml."""
+LOCK_FILE = ".lock"
+"""Held (flock) by the process training into a run folder; released when it ends or dies."""
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: Path):
+    """Hold `out_dir/.lock` for the duration, so that two processes never train into the same
+    folder (their seeds and summaries would mix). The lock is the kernel's (`flock`): a
+    killed process leaves the file but not the lock, and a rerun proceeds."""
+    import fcntl
+    import os
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunFolderError(f"--out {out_dir}: is a file, not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise RunFolderError(f"--out {out_dir}: another amess process (pid {other}) is training into it; "
+                                 "wait for it to finish or use another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def data_fingerprint(cfg: Config) -> str:
@@ -100,7 +129,7 @@ def check_out_dir(cfg: Config, out_dir: Path, *, overwrite: bool = False, finger
     files first."""
     if out_dir.exists() and not out_dir.is_dir():
         raise RunFolderError(f"--out {out_dir}: is a file, not a folder")
-    if not out_dir.is_dir() or not any(out_dir.iterdir()):
+    if not out_dir.is_dir() or not any(p.name != LOCK_FILE for p in out_dir.iterdir()):
         return
     saved_path = out_dir / "config.yaml"
     if not saved_path.is_file():
@@ -273,11 +302,17 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
 
 def run(cfg: Config, out_dir: str | Path, *, overwrite: bool = False) -> dict:
     """Train every seed of `cfg` into `out_dir/seed_<s>/` and write `summary.json`.
-    Finished seeds are reused; an interrupted one resumes."""
-    import json
-
+    Finished seeds are reused; an interrupted one resumes; a folder another process is
+    training into is refused (`run_lock`)."""
     out_dir = Path(out_dir)
     accelerator = make_accelerator(cfg)
+    with run_lock(out_dir) if accelerator.is_main_process else contextlib.nullcontext():
+        return _run_locked(cfg, out_dir, accelerator, overwrite=overwrite)
+
+
+def _run_locked(cfg: Config, out_dir: Path, accelerator, *, overwrite: bool) -> dict:
+    import json
+
     if accelerator.is_main_process:
         fp = data_fingerprint(cfg)
         check_out_dir(cfg, out_dir, overwrite=overwrite, fingerprint=fp)
