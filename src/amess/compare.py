@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from amess.config import Config, flag_overrides, parse_overrides
+from amess.config import Config
 from amess.training.artifacts import CORE_KEYS, OOD_KEYS, save_figure, write_text
 from amess.training.runner import holds_other_run
 

@@ -218,7 +218,7 @@ class OODConfig:
         if unknown:
             raise ValueError(f"unknown OOD detector(s) {unknown}; known: {sorted(DETECTORS)}")
         if self.tune_metric not in ("oos_acc", "f1_is", "f1_oos", "f1_overall"):
-            raise ValueError(f"ood.tune_metric must be one of oos_acc, f1_is, f1_oos, f1_overall")
+            raise ValueError("ood.tune_metric must be one of oos_acc, f1_is, f1_oos, f1_overall")
 
 
 @dataclass

@@ -52,7 +52,8 @@ from typing import Any, Sequence
 
 from amess.data.base import DataError, read_tsv
 from amess.data.batch import Sample
-from amess.labels.generate import (SYSTEM_PROMPT, LabelGenerationError, _atomic_write_text, _endpoint_host,
+from amess.fileio import write_text
+from amess.labels.generate import (SYSTEM_PROMPT, LabelGenerationError, _endpoint_host,
                                    _redact, _request_description, cache_key, chat_completions_url)
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def augment_samples(samples: Sequence[Sample], label_names: Sequence[str], *, en
                     log.error("%d utterances failed in a row: stopping; rerun the same command to resume", in_a_row)
                     break
                 continue
-            _atomic_write_text(entry_path, json.dumps({
+            write_text(entry_path, json.dumps({
                 "model": model, "source_id": s.id, "prompt": prompt, "system": SYSTEM_PROMPT,
                 "temperature": temperature, "endpoint_host": _endpoint_host(endpoint),
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -228,8 +229,8 @@ def augment_samples(samples: Sequence[Sample], label_names: Sequence[str], *, en
         rows += [(f"{s.id}{AUG_ID_SEP}{k}", s.id, label, text) for k, text in enumerate(found, start=1)]
     report.rows = len(rows)
     not_reached = ids[ids.index(report.failed[-1]) + 1:] if report.stopped_early else []
-    _atomic_write_text(out, "\t".join(AUGMENTED_HEADER) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
-    _atomic_write_text(out.with_name(out.name + ".json"), json.dumps({
+    write_text(out, "\t".join(AUGMENTED_HEADER) + "\n" + "".join("\t".join(r) + "\n" for r in rows))
+    write_text(out.with_name(out.name + ".json"), json.dumps({
         "kind": "paraphrases of training utterances (SDIF-DA data augmentation)",
         "model": model, "endpoint": _endpoint_host(endpoint), "prompt": prompt_template, "system": SYSTEM_PROMPT,
         "temperature": temperature, "n": n, **(provenance or {}),

@@ -93,6 +93,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 
 from amess.data.errors import DataError
+from amess.fileio import write_text
 from amess.data.safe_pickle import load_compact, to_numpy
 
 logger = logging.getLogger(__name__)
@@ -178,15 +179,6 @@ def _source_key(source: Mapping[str, Any] | None) -> dict | None:
     return {k: v for k, v in source.items() if k not in ("path", "mtime_ns")}
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError, AttributeError):
         fd = os.open(path, os.O_RDONLY)
@@ -251,7 +243,7 @@ def _update_entry(store_dir: Path, name: str, entry: dict | None) -> None:
             data["modalities"].pop(name, None)
         else:
             data["modalities"][name] = entry
-        _atomic_write_text(store_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_text(store_dir / MANIFEST, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _params(dtype: str, max_len: int | None, ids: Iterable[str] | None,
@@ -462,7 +454,7 @@ def convert_arrays(
                     remaining -= len(chunk)
         # rewrite the journal without any lines past the truncation point
         header = json.dumps({"params": params}, sort_keys=True)
-        _atomic_write_text(paths["journal"], "\n".join([header] + [json.dumps(e, sort_keys=True) for e in entries])
+        write_text(paths["journal"], "\n".join([header] + [json.dumps(e, sort_keys=True) for e in entries])
                            + "\n")
         logger.info("%s: resuming %s/%s after %d samples already written", src_label, store_dir, name,
                     len(entries))
@@ -470,7 +462,7 @@ def convert_arrays(
         entries = []
         for key in ("partial", "journal"):
             paths[key].unlink(missing_ok=True)
-        _atomic_write_text(paths["journal"], json.dumps({"params": params}, sort_keys=True) + "\n")
+        write_text(paths["journal"], json.dumps({"params": params}, sort_keys=True) + "\n")
 
     resumed = len(entries)
     out_ids = [e["id"] for e in entries]
@@ -563,7 +555,7 @@ def convert_arrays(
         raise StoreError(f"{store_dir}/{name}: wrote {byte_end} bytes for {num_rows} rows of width {dim}")
     index = {"ids": out_ids, "offset": offsets, "length": rows_kept, "orig_length": rows_orig, "crc32": crcs}
     index_text = json.dumps(index, separators=(",", ":")) + "\n"
-    _atomic_write_text(paths["index"], index_text)
+    write_text(paths["index"], index_text)
     os.replace(paths["partial"], paths["bin"])
     _fsync_dir(store_dir)
     entry = {

@@ -47,7 +47,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -55,6 +54,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from amess.fileio import write_text
 
 logger = logging.getLogger(__name__)
 
@@ -157,24 +158,6 @@ def cache_key(model: str, prompt: str, label: str, system: str = SYSTEM_PROMPT) 
         ensure_ascii=False,
     )
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write text to path through a temporary file in the same folder and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _clean_answer(content: str) -> str:
@@ -402,7 +385,7 @@ def generate_descriptions(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "description": text,
             }
-            _atomic_write_text(entry_path, json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
+            write_text(entry_path, json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
         else:
             logger.debug("cached description for %r", label)
         descriptions[label] = text
@@ -432,7 +415,7 @@ def generate_descriptions(
         "descriptions": descriptions,
     }
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
-    _atomic_write_text(out, text)
+    write_text(out, text)
     logger.info("wrote %s", out)
     return doc
 

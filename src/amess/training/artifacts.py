@@ -1,4 +1,5 @@
-"""What a run writes: files (always atomically), figures, tables and summaries.
+"""What a run writes: files (always atomically, through `amess.fileio`), figures, tables
+and summaries.
 
 Every file goes to a temporary name in the same folder and is renamed into place, so a
 killed run never leaves a truncated `summary.json`, checkpoint or table: a reader sees the
@@ -9,48 +10,17 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from amess.fileio import atomic_path, write_json, write_text  # noqa: F401  (re-exported: the one writer)
 from amess.metrics import mean_std
 
 FIGURE_FORMATS = (("pdf", None), ("png", 300))
 """Every figure is written as a vector PDF beside a 300-dpi PNG."""
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it replaces `path` (same filesystem,
-    so the rename is atomic), on error it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text(path: str | Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def save_npz(path: str | Path, arrays: dict[str, np.ndarray]) -> None:

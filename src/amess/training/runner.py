@@ -29,7 +29,7 @@ from amess.config import Config
 from amess.training.artifacts import summarise, write_json, write_predictions, write_seed_plots
 from amess.training.data import (PreparedData, load_descriptions_for, make_collator, make_loader, prepare_data,
                                  text_max_len)
-from amess.training.distributed import make_accelerator, prepare_model
+from amess.training.distributed import make_accelerator
 from amess.training.evaluation import EvalResult, evaluate_ood, predict, split_metrics
 from amess.training.loop import CHECKPOINT_FILE, STATE_FILE, TrainingError, check_parameters, fit
 from amess.training.memory import set_mmap_threshold
