@@ -237,6 +237,8 @@ def load_text_encoder(name_or_path: str = DEFAULT_TEXT_ENCODER, parts: tuple[str
                 raise ValueError(f"text encoder {name_or_path!r} has no pretrained pooler "
                                  f"({', '.join(sorted(missing)) or 'no pooler module'}), which this method needs")
     except (OSError, ValueError) as e:
+        if isinstance(e, (TimeoutError, InterruptedError)):
+            raise  # an OSError by class, but a deadline or a signal, not a missing model
         if isinstance(e, ValueError) and ("pooler" in str(e) or "MLM" in str(e)):
             raise RuntimeError(str(e)) from None
         local = Path(path).exists()
