@@ -146,20 +146,35 @@ def _machine(device: str) -> dict:
     return info
 
 
+class _DeadlineHit(BaseException):
+    """Raised by the alarm: a BaseException, so no `except Exception`/`except OSError` on the way swallows it."""
+
+
 @contextlib.contextmanager
 def _deadline(seconds: float):
-    """Raise TimeoutError in the main thread after `seconds` (SIGALRM; a no-op where there is none)."""
+    """Raise TimeoutError in the main thread after `seconds` (SIGALRM; a no-op where there is none).
+
+    A configuration that would start at or past the deadline fails at once. The alarm raises a
+    BaseException that is turned into TimeoutError here: a TimeoutError is an OSError, and a
+    library's `except OSError` fallback (file probing, tokenizer loading) would otherwise swallow it
+    and let the configuration finish as if no deadline had been set.
+    """
+    message = "--deadline-s reached: configuration interrupted"
+    if seconds <= 0:
+        raise TimeoutError(message)
     if not hasattr(signal, "setitimer"):
         yield
         return
 
     def on_alarm(signum, frame):
-        raise TimeoutError("--deadline-s reached: configuration interrupted")
+        raise _DeadlineHit()
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
         yield
+    except _DeadlineHit:
+        raise TimeoutError(message) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -388,8 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
                 with _deadline(args.deadline_s - (t - t0)):
                     rows += run_group(data_dir, enc_dir, methods, precision=pr, compile=c, batch=b, args=args,
                                       flops_cache=flops_cache, cuda=cuda)
-            except Exception as e:  # noqa: BLE001 - one failed configuration (a compile error, OOM) keeps the rest
+            except (Exception, _DeadlineHit) as e:  # noqa: BLE001 - one failed configuration (a compile error, OOM) keeps the rest
                 import traceback
+
+                if isinstance(e, _DeadlineHit):  # the alarm rang between the block's end and its reset
+                    e = TimeoutError("--deadline-s reached: configuration interrupted")
 
                 traceback.print_exc()
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
