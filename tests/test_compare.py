@@ -145,3 +145,28 @@ def test_parse_variant_keeps_bracketed_commas():
     for bad in ("nomethod", "=amess", "c=amess:tau"):
         with pytest.raises(ValueError, match="--variant"):
             parse_variant(bad)
+
+
+def test_a_terminated_compare_takes_its_training_child_with_it(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(120)"
+    parent = subprocess.Popen([sys.executable, "-c",
+                               f"import sys; from amess.compare import run_child; run_child([sys.executable, '-c', {child!r}])"])
+    deadline = time.time() + 60
+    while not (pid_file.is_file() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    child_pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGTERM)
+    assert parent.wait(timeout=30) == 128 + signal.SIGTERM
+    try:  # the child was reaped by the parent: its pid is gone (or, at worst, reused by another process)
+        os.kill(child_pid, 0)
+        alive = open(f"/proc/{child_pid}/cmdline", "rb").read().find(b"time.sleep(120)") >= 0
+    except (ProcessLookupError, FileNotFoundError):
+        alive = False
+    assert not alive

@@ -22,8 +22,10 @@ import csv
 import io
 import json
 import logging
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -135,10 +137,10 @@ def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, re
             cfg.save(cfg_path)
             cmd = [sys.executable, "-m", "amess.cli", "train", "--config", str(cfg_path), "--data-dir",
                    cfg.data.data_dir, "--out", str(run_dir)] + (["--overwrite"] if overwrite else [])
-            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+            returncode = run_child(cmd)
             cfg_path.unlink(missing_ok=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"compare: `amess train` of method {m!r} failed (exit {proc.returncode}); "
+            if returncode != 0:
+                raise RuntimeError(f"compare: `amess train` of method {m!r} failed (exit {returncode}); "
                                    f"its log is above; rerun the same command to resume")
             summaries[m] = json.loads((run_dir / "summary.json").read_text())
         else:
@@ -152,6 +154,33 @@ def run_compare(base: Config, methods: Sequence[str], out_dir: str | Path, *, re
     for key in ("acc", "f1_macro"):
         save_figure(plots.method_bars(summaries, split, key), out_dir, f"compare_{key}")
     return {"summaries": summaries, "skipped": skipped, "split": split, "markdown": md}
+
+
+def run_child(cmd: list[str]) -> int:
+    """Run one `amess train` child and return its exit code. A SIGTERM to this process (a
+    `kill`, a job scheduler's stop) is passed on to the child and waited for, so that no orphan
+    keeps training (and holding its run folder's lock) after `compare` is gone; then this
+    process exits with 143. Ctrl-C reaches both through the terminal's process group."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    stopped: list[int] = []
+
+    def stop(signum, frame):  # no wait() here: the interrupted wait below holds Popen's lock
+        stopped.append(signum)
+        proc.terminate()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, stop) if in_main else None
+    try:
+        code = proc.wait()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old)
+        if proc.poll() is None:  # an exception (KeyboardInterrupt) while waiting
+            proc.terminate()
+            proc.wait()
+    if stopped:
+        raise SystemExit(128 + stopped[0])
+    return code
 
 
 def _registered() -> list[str]:
