@@ -129,3 +129,38 @@ def test_text_method_never_loads_features_it_does_not_read(tmp_path, synth_dir, 
             "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "amess")]
     assert main(args) == 2
     assert "video_feats.pkl" in caplog.text
+
+
+def test_fit_releases_the_optimiser_state_and_gradients(tmp_path, synth_dir, tiny_encoder_dir):
+    """After training, only the weights stay in memory: the best checkpoint is then loaded beside
+    them, and keeping AdamW's two moments and the gradients alive made that load a run's peak."""
+    import gc
+    import weakref
+
+    import torch
+
+    from amess.config import Config
+    from amess.training.distributed import make_accelerator
+    from amess.training.loop import fit
+    from amess.training.runner import setup_seed
+
+    cfg = Config().override({"data.data_dir": str(synth_dir), "model.method": "amess", "model.text_encoder":
+                             str(tiny_encoder_dir), "train.batch_size": 8, "train.epochs": 1, "train.max_steps": 2,
+                             "train.progress": False, "data.test_splits": []})
+    acc = make_accelerator(cfg)
+    data, model, collator, _ = setup_seed(cfg, 0)
+    made = []
+    real = torch.optim.AdamW.__init__
+
+    def spy(self, *a, **k):
+        real(self, *a, **k)
+        made.append(weakref.ref(self))
+
+    torch.optim.AdamW.__init__ = spy
+    try:
+        model, fr = fit(cfg, 0, model, data, collator, acc, tmp_path)
+    finally:
+        torch.optim.AdamW.__init__ = real
+    gc.collect()
+    assert fr.steps == 2 and len(made) == 1 and made[0]() is None  # no reference keeps the optimiser
+    assert all(p.grad is None for p in acc.unwrap_model(model).parameters())
