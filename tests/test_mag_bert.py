@@ -96,7 +96,8 @@ def test_registered_and_every_setting_shown_with_its_docstring(capsys):
 @pytest.mark.parametrize("bad, match", [({"align": "ctx"}, "mag_bert.align"),
                                         ({"beta_shift": 0.0}, "mag_bert.beta_shift"),
                                         ({"dropout": 1.0}, "mag_bert.dropout"),
-                                        ({"injection_index": -1}, "mag_bert.injection_index")])
+                                        ({"injection_index": -1}, "mag_bert.injection_index"),
+                                        ({"classify": "mean"}, "mag_bert.classify")])
 def test_bad_settings_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         Config().override({"model.method": "mag_bert", **{f"mag_bert.{k}": v for k, v in bad.items()}})
@@ -185,6 +186,24 @@ def test_gate_shift_is_capped_at_beta_times_the_text_norm():
         h = torch.relu(mag.gate["video"](torch.cat([v, e], -1))) * mag.proj["video"](v)
     shift = (alpha[..., None] * h).norm(dim=-1)
     assert (shift <= 0.05 * e.norm(dim=-1) + 1e-4).all() and (alpha < 1).all()
+
+
+def test_classify_cls_reads_the_cls_state_and_freezes_the_unused_pooler():
+    batch = make_batch()
+    pooler, cls = make_model(), make_model(classify="cls")
+    cls.load_state_dict(pooler.state_dict())
+    pooler.eval(), cls.eval()
+    assert not any(p.requires_grad for p in cls.encoder.pooler.parameters())
+    assert all(p.requires_grad for p in pooler.encoder.pooler.parameters())
+    with torch.no_grad():
+        a, b = pooler(batch), cls(batch)
+        assert not torch.allclose(a.logits, b.logits)
+        for p in cls.encoder.pooler.parameters():  # the pooler does not enter the `cls` logits
+            p.add_(1.0)
+        assert torch.equal(cls(batch).logits, b.logits)
+        # `cls` reads exactly the [CLS] state the reference's pooler maps through tanh(W h + b)
+        dense = pooler.encoder.pooler.dense
+        assert torch.allclose(torch.tanh(b.pooled @ dense.weight.t() + dense.bias), a.pooled, atol=1e-5)
 
 
 def test_training_steps_lower_the_loss():
