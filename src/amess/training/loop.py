@@ -199,7 +199,9 @@ def fit(cfg: Config, seed: int, model, data: PreparedData, collator, accelerator
     accelerator.wait_for_everyone()
     # The optimiser's state (two floats per parameter) and the gradients are not needed after
     # training: free them (the accelerator holds a reference to the optimiser) before the best
-    # checkpoint is loaded beside the weights; that load set the run's peak memory (mult: +0.2 GB).
+    # checkpoint is loaded beside the weights; that load set the run's peak memory (mult: +0.2 GB),
+    # and with several seeds in one process every seed's optimiser (and, through it, its
+    # parameters) stayed alive: +0.75 GB per seed for tcl_map (BENCHMARKS.md).
     accelerator.unwrap_model(model).zero_grad(set_to_none=True)
     accelerator.free_memory(optimizer, sched)
     return model, FitResult(history, best_epoch, step, time.perf_counter() - t_start, n_seen, resumed_from)
