@@ -146,6 +146,9 @@ def _machine(device: str) -> dict:
     return info
 
 
+DEADLINE_MESSAGE = "--deadline-s reached: configuration interrupted"
+
+
 class _DeadlineHit(BaseException):
     """Raised by the alarm: a BaseException, so no `except Exception`/`except OSError` on the way swallows it."""
 
@@ -159,9 +162,8 @@ def _deadline(seconds: float):
     library's `except OSError` fallback (file probing, tokenizer loading) would otherwise swallow it
     and let the configuration finish as if no deadline had been set.
     """
-    message = "--deadline-s reached: configuration interrupted"
     if seconds <= 0:
-        raise TimeoutError(message)
+        raise TimeoutError(DEADLINE_MESSAGE)
     if not hasattr(signal, "setitimer"):
         yield
         return
@@ -174,7 +176,7 @@ def _deadline(seconds: float):
     try:
         yield
     except _DeadlineHit:
-        raise TimeoutError(message) from None
+        raise TimeoutError(DEADLINE_MESSAGE) from None
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
@@ -407,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
                 import traceback
 
                 if isinstance(e, _DeadlineHit):  # the alarm rang between the block's end and its reset
-                    e = TimeoutError("--deadline-s reached: configuration interrupted")
+                    e = TimeoutError(DEADLINE_MESSAGE)
 
                 traceback.print_exc()
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""

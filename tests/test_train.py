@@ -131,7 +131,7 @@ def test_text_method_never_loads_features_it_does_not_read(tmp_path, synth_dir, 
     assert "video_feats.pkl" in caplog.text
 
 
-def test_fit_releases_the_optimiser_state_and_gradients(tmp_path, synth_dir, tiny_encoder_dir):
+def test_fit_releases_the_optimiser_state_and_gradients(tmp_path, synth_dir, tiny_encoder_dir, monkeypatch):
     """After training, only the weights stay in memory: the best checkpoint is then loaded beside
     them, and keeping AdamW's two moments and the gradients alive made that load a run's peak."""
     import gc
@@ -156,11 +156,8 @@ def test_fit_releases_the_optimiser_state_and_gradients(tmp_path, synth_dir, tin
         real(self, *a, **k)
         made.append(weakref.ref(self))
 
-    torch.optim.AdamW.__init__ = spy
-    try:
-        model, fr = fit(cfg, 0, model, data, collator, acc, tmp_path)
-    finally:
-        torch.optim.AdamW.__init__ = real
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", spy)
+    model, fr = fit(cfg, 0, model, data, collator, acc, tmp_path)
     gc.collect()
     assert fr.steps == 2 and len(made) == 1 and made[0]() is None  # no reference keeps the optimiser
     assert all(p.grad is None for p in acc.unwrap_model(model).parameters())

@@ -282,7 +282,8 @@ class MagBert(IntentModel):
         h = self.encoder.run_layers(h, att, 0, i, mask=layer_mask)
         h, alpha = self.mag(h, self._aligned(batch, text_mask))  # (b, n, h), (b, n)
         h = self.encoder.run_layers(h, att, i, None, mask=layer_mask)
-        pooled = self.encoder.pooled_output(h) if self.cfg.classify == "pooler" else h[:, 0]  # (b, h)
+        pooled = (self.encoder.pooled_output(h) if self.cfg.classify == "pooler"
+                  else self.encoder.pool(h, att, "cls"))  # (b, h)
         logits = self.head(self.dropout(pooled))  # (b, C)
         real = text_mask.to(alpha.dtype)
         mean_alpha = (alpha * real).sum(1) / real.sum(1).clamp_min(1.0)  # (b,)
