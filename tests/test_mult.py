@@ -94,7 +94,8 @@ def test_registered_and_every_setting_shown_with_its_docstring(capsys):
                                         ({"n_levels": 0}, "mult.n_levels"),
                                         ({"attn_dropout_a": 1.0}, "mult.attn_dropout_a"),
                                         ({"conv1d_kernel_size_l": 0}, "mult.conv1d_kernel_size_l"),
-                                        ({"last_state": "first"}, "mult.last_state")])
+                                        ({"last_state": "first"}, "mult.last_state"),
+                                        ({"checkpoint": "some"}, "mult.checkpoint")])
 def test_bad_settings_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         Config().override({"model.method": "mult", **{f"mult.{k}": v for k, v in bad.items()}})
@@ -212,6 +213,39 @@ def test_training_steps_lower_the_loss():
         opt.step()
         losses.append(loss.item())
     assert all(np.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
+
+
+
+@pytest.mark.parametrize("mode, calls", [("memory", 3 * 3), ("all", 3 * 3 + 6 * 2)])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(monkeypatch, mode, calls):
+    """With every dropout of the defaults on, recomputing layers in backward replays the same
+    dropout masks: loss and every gradient equal those without checkpointing; and it does run
+    (one checkpointed call per memory layer, or per layer of every transformer)."""
+    dropouts = dict(attn_dropout=0.1, attn_dropout_v=0.2, attn_dropout_a=0.2, relu_dropout=0.1, res_dropout=0.1,
+                    embed_dropout=0.1, output_dropout=0.2, text_dropout=0.4)
+    batch = make_batch()
+    results = {}
+    seen = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: (seen.append(1), real(*a, **k))[1])
+    for m in ("none", mode):
+        model = make_model(checkpoint=m, **dropouts)
+        model.train()
+        torch.manual_seed(7)
+        loss, _ = model.loss(model(batch), batch)
+        loss.backward()
+        results[m] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if m == "none":
+            assert not seen
+    assert len(seen) == calls
+    assert torch.allclose(results["none"][0], results[mode][0], atol=1e-6)
+    assert results["none"][1].keys() == results[mode][1].keys() and len(results["none"][1]) > 50
+    for n, g in results["none"][1].items():
+        assert torch.allclose(g, results[mode][1][n], atol=1e-5), n
+    model.eval()  # no recomputation outside training
+    with torch.no_grad():
+        model(batch)
+    assert len(seen) == calls
 
 
 # --- through the loop and the CLI -------------------------------------------------------------

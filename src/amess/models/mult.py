@@ -42,6 +42,10 @@ Deviations from the reference, each deliberate:
   (3d, d) in-projection, Xavier-uniform, zero biases) and its dropout on the attention
   weights; positions are fairseq's sinusoids (sin half, cos half, from position 1); the
   new layers are plain modules initialised here as in the reference.
+- The memory transformers recompute their layers' activations in the backward pass
+  (`checkpoint=memory`, the default; `none` is the reference's behaviour, `all` also the
+  crossmodal ones). Same losses and gradients (the dropout masks are replayed); it brings a
+  demo-data training run under 2 GiB (BENCHMARKS.md).
 - `pooled` (what out-of-scope detectors such as Mahalanobis read) is the residual block's
   output, the head's input; the reference's manager keeps the concatenated last states
   (before the residual block) as its features.
@@ -71,6 +75,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from einops import rearrange
 from torch import nn
 
@@ -84,6 +89,7 @@ ORDER = ("text", "audio", "video")
 MEMORY_MIN_LAYERS = 3
 """The memory transformers have max(n_levels, 3) layers (MULT.py `_get_network(layers=3)`)."""
 LAST_STATES = ("last", "mean")
+CHECKPOINTS = ("none", "memory", "all")
 
 
 @dataclass
@@ -124,6 +130,13 @@ class MultSettings:
     """What each memory gives the head: `last` (the state at the last real step, the reference's
     h[-1] on true lengths) or `mean` (the masked mean over real steps)."""
 
+    checkpoint: str = "memory"
+    """Recompute layer activations in the backward pass instead of keeping them (activation
+    checkpointing, layer by layer; the dropout masks are replayed, so losses and gradients are
+    the same as without it): `none`, `memory` (the three memory transformers, the widest
+    layers: about a third of the activation memory for ~10% of the step time) or `all`
+    (every transformer). Not in the reference; training memory only, no effect at evaluation."""
+
     def __post_init__(self) -> None:
         positive = {"dst_feature_dims": self.dst_feature_dims, "nheads": self.nheads, "n_levels": self.n_levels,
                     "conv1d_kernel_size_l": self.conv1d_kernel_size_l,
@@ -138,6 +151,8 @@ class MultSettings:
                      "embed_dropout", "output_dropout", "text_dropout"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"mult.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ValueError(f"mult.checkpoint must be one of {list(CHECKPOINTS)}, got {self.checkpoint!r}")
         if self.last_state not in LAST_STATES:
             raise ValueError(f"mult.last_state must be one of {list(LAST_STATES)}, got {self.last_state!r}")
 
@@ -240,9 +255,10 @@ class CrossmodalTransformer(nn.Module):
     LayerNorm. With a source sequence it is crossmodal, without one self-attention."""
 
     def __init__(self, d: int, *, heads: int, layers: int, attn_dropout: float, relu_dropout: float,
-                 res_dropout: float, embed_dropout: float, causal: bool):
+                 res_dropout: float, embed_dropout: float, causal: bool, checkpoint: bool = False):
         super().__init__()
         self.scale = math.sqrt(d)
+        self.checkpoint = checkpoint
         self.embed_dropout = embed_dropout
         self.causal = causal
         self.layers = nn.ModuleList(
@@ -263,8 +279,12 @@ class CrossmodalTransformer(nn.Module):
         k = v = None
         if src is not None:
             k, v = self._embed(src), self._embed(src)
+        recompute = self.checkpoint and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            h = layer(h, k, v, allowed, has_keys)
+            if recompute:  # keeps only the layer's inputs; the RNG state is replayed in backward
+                h = torch.utils.checkpoint.checkpoint(layer, h, k, v, allowed, has_keys, use_reentrant=False)
+            else:
+                h = layer(h, k, v, allowed, has_keys)
         return self.norm(h)
 
 
@@ -319,12 +339,13 @@ class MulT(IntentModel):
         self.text_dropout = nn.Dropout(s.text_dropout)
         self.proj = nn.ModuleDict({m: TemporalConv(in_dims[m], d, kernel=kernels[m]) for m in self.modalities})
         self.cross = nn.ModuleDict({
-            f"{t}_{src}": CrossmodalTransformer(d, layers=s.n_levels, attn_dropout=key_dropout[src], **common)
+            f"{t}_{src}": CrossmodalTransformer(d, layers=s.n_levels, attn_dropout=key_dropout[src],
+                                                checkpoint=s.checkpoint == "all", **common)
             for t in self.modalities for src in self.modalities if src != t})
         mem = (len(self.modalities) - 1) * d
         self.memory = nn.ModuleDict({
             t: CrossmodalTransformer(mem, layers=max(s.n_levels, MEMORY_MIN_LAYERS), attn_dropout=s.attn_dropout,
-                                     **common)
+                                     checkpoint=s.checkpoint != "none", **common)
             for t in self.modalities})
         combined = len(self.modalities) * mem
         self.proj1 = nn.Linear(combined, combined)
