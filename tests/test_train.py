@@ -161,3 +161,28 @@ def test_fit_releases_the_optimiser_state_and_gradients(tmp_path, synth_dir, tin
     gc.collect()
     assert fr.steps == 2 and len(made) == 1 and made[0]() is None  # no reference keeps the optimiser
     assert all(p.grad is None for p in acc.unwrap_model(model).parameters())
+
+
+def test_evaluate_set_switches_inference_on_the_same_checkpoints_and_writes_nothing(tmp_path, synth_dir,
+                                                                                    tiny_encoder_dir, caplog):
+    from amess.evaluate import evaluate_run
+    from amess.predictor import Predictor
+
+    out = tmp_path / "run"
+    _train(out, synth_dir, tiny_encoder_dir, "--method", "amess", "--modalities", "text")
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    stored = json.loads((out / "seed_0" / "metrics.json").read_text())["metrics"]["test"]["acc"]
+    head = evaluate_run(out, "test", {"amess.inference": "head"})
+    assert head["per_seed"][0]["test"]["acc"] == pytest.approx(stored, abs=1e-9)  # the trained setting: same figures
+    sim = evaluate_run(out, "test", {"amess.inference": "similarity"})
+    assert set(sim["per_seed"]) == {0}
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing written or overwritten
+    texts = ["can you help me with this", "i am so sorry about that"]
+    p_head, p_sim = Predictor(out / "seed_0"), Predictor(out / "seed_0", {"amess.inference": "similarity"})
+    assert p_sim.model.cfg.inference == "similarity" and p_head.model.cfg.inference == "head"
+    r_head, r_sim = p_head.predict(texts), p_sim.predict(texts)
+    assert any(a.ranked != b.ranked for a, b in zip(r_head, r_sim))  # the switch reached the model
+    with pytest.raises(ValueError, match=r"amess.tau would change the trained 'amess' model.*\['amess.inference'\]"):
+        Predictor(out / "seed_0", {"amess.tau": "0.05"})
+    assert main(["evaluate", str(out), "--split", "test", "--set", "train.lr=1.0"]) == 2
+    assert "train.lr would change the trained 'amess' model" in caplog.text

@@ -6,7 +6,7 @@
     amess data augment --dataset D --data-dir DIR --endpoint URL --model NAME [--n N] --out FILE.tsv
     amess data embed-descriptions --descriptions DIR --out FILE.pkl [--granularity field|sentence|token]
     amess train --dataset D --data-dir DIR --method NAME --out RUN_DIR [--known-ratio R] [...]
-    amess evaluate RUN_DIR [--split test]
+    amess evaluate RUN_DIR [--split test] [--set amess.inference=both]
     amess predict RUN_DIR --text "..." | --tsv FILE [--video F.npy --audio F.npy] | --clip F.mp4 | --clips DIR
     amess methods [show NAME]
     amess compare --dataset D --data-dir DIR --methods text,amess --seeds 0 1 2 --out DIR
@@ -302,9 +302,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from amess.evaluate import evaluate_run
     from amess.training import format_table
 
-    summary = evaluate_run(Path(args.run_dir), args.split)
-    print(f"\n{args.run_dir} on {args.split} (mean ± std over seeds, %)")
+    from amess.config import parse_overrides
+
+    overrides = parse_overrides(args.set)
+    summary = evaluate_run(Path(args.run_dir), args.split, overrides)
+    with_set = f", with {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
+    print(f"\n{args.run_dir} on {args.split}{with_set} (mean ± std over seeds, %)")
     print(format_table({Path(args.run_dir).name: summary}, args.split))
+    print("acc per seed: " + ", ".join(f"{s} {100 * m[args.split]['acc']:.2f}" for s, m in summary["per_seed"].items()))
     return 0
 
 
@@ -408,6 +413,9 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluate a run folder's checkpoints on a split")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test")
+    e.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
+                   help="score the same checkpoints with an inference-time setting switched "
+                        "(amess.inference=similarity); the run folder is left as it is")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="ranked intents (and out-of-scope verdicts) from a trained run")

@@ -1,7 +1,10 @@
 """Evaluate a finished run folder on a split: each of the run's seeds is rebuilt from its
 `model_spec.json` and `model.pt` (no retraining, no refitting: the out-of-scope detectors
 are the ones fitted at training time), scored on the split, and the split's figures are
-merged into `summary.json`. Exactly the run's seeds are used; a missing one is an error
+merged into `summary.json`. With `overrides` (`amess evaluate --set amess.inference=both`:
+inference-time settings only, see `Predictor`) the same checkpoints are scored with those
+settings and nothing is written: the run folder keeps the figures of the settings it was
+trained and chosen with. Exactly the run's seeds are used; a missing one is an error
 that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
 intents (`model_spec.json`) decide which rows are out-of-scope for it."""
 
@@ -21,7 +24,9 @@ from amess.training.runner import seed_finished
 log = logging.getLogger(__name__)
 
 
-def evaluate_run(run_dir: Path, split: str) -> dict:
+def evaluate_run(run_dir: Path, split: str, overrides: dict[str, str] | None = None) -> dict:
+    """Score every seed of `run_dir` on `split`; returns `summarise` of the per-seed figures, with
+    the per-seed ones under `"per_seed"` ({seed: {split: metrics}})."""
     import json
 
     from amess.data import DataError, get_reader
@@ -43,7 +48,7 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
     per_seed = {}
     for seed in cfg.train.seeds:
         sd = run_dir / f"seed_{seed}"
-        p = Predictor(sd)
+        p = Predictor(sd, overrides)
         run_labels = p.spec.get("all_labels") or p.label_names
         if run_labels != reader.label_names:
             raise DataError(f"{reader.data_dir}: its labels {reader.label_names} differ from the run's "
@@ -59,13 +64,15 @@ def evaluate_run(run_dir: Path, split: str) -> dict:
         for name, fd in p.detectors.items():
             m.setdefault("ood", {})[name] = score_detector(fd, res)[0]
         per_seed[seed] = {split: m}
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and not overrides:
             res.save(sd / f"outputs_{split}.npz")
             write_json(sd / f"metrics_{split}.json", m)
     summary = summarise(per_seed)
-    if accelerator.is_main_process:
+    if overrides:
+        log.info("%s: scored with %s; nothing written into the run folder", run_dir, overrides)
+    elif accelerator.is_main_process:
         path = run_dir / "summary.json"
         old = json.loads(path.read_text()) if path.is_file() else {}
         old[split] = summary[split]
         write_json(path, old)
-    return summary
+    return {**summary, "per_seed": per_seed}

@@ -68,10 +68,26 @@ def _seed_dir(run_dir: Path, seed: int | None) -> Path:
     return seeds[0]
 
 
+def inference_overrides(method: str, overrides: dict[str, str], where: Path) -> dict[str, str]:
+    """Check that every `section.key` override names an inference-time setting of `method`
+    (`IntentModel.inference_settings`); return them unchanged."""
+    from amess.models import method_class
+
+    allowed = [f"{method}.{k}" for k in method_class(method).inference_settings]
+    bad = [k for k in overrides if k not in allowed]
+    if bad:
+        raise ValueError(f"{where}: --set {bad[0]} would change the trained {method!r} model; at evaluation only "
+                         f"its inference-time settings may change: {allowed or 'none'}")
+    return overrides
+
+
 class Predictor:
     """A trained model with its tokenizer, settings and fitted detectors."""
 
-    def __init__(self, seed_dir: Path):
+    def __init__(self, seed_dir: Path, overrides: dict[str, str] | None = None):
+        """`overrides` (`{"amess.inference": "both"}`) switch inference-time settings of the
+        trained method (its `inference_settings`) before the model is rebuilt; any other key
+        would change what was trained, and is an error."""
         from amess.config import Config
         from amess.data.batch import Collator
         from amess.models import build_model, method_class
@@ -90,6 +106,8 @@ class Predictor:
         what tell it is none of them. None for a run over all intents."""
         self.method: str = spec["method"]
         self.config = Config.from_dict(spec["config"])
+        if overrides:
+            self.config = self.config.override(inference_overrides(self.method, overrides, self.seed_dir))
         enc = spec["encoder"]
         encoder = encoder_from_architecture(self.seed_dir / enc["folder"], enc["name"], enc["parts"])
         dims = spec["feature_dims"]

@@ -308,6 +308,7 @@ class AMESS(IntentModel):
 
     Settings = AmessSettings
     uses_descriptions = True
+    inference_settings = ("inference",)
 
     def __init__(self, *, config: Config, settings: AmessSettings, encoder: TextEncoder, num_labels: int,
                  video_dim: int | None = None, audio_dim: int | None = None,

@@ -74,6 +74,8 @@ class IntentModel(nn.Module):
       `needs_nonverbal` (True) asks for at least one of the non-verbal ones it reads.
     - `encoder_parts`: optional parts of the text encoder to load (`ENCODER_PARTS`).
     - `uses_descriptions`: whether it reads the label descriptions.
+    - `inference_settings`: the names of its settings that only change how a trained model
+      scores (never its parameters); `amess evaluate --set` may switch them on a finished run.
     """
 
     Settings: type | None = None
@@ -82,6 +84,7 @@ class IntentModel(nn.Module):
     needs_nonverbal: bool = False
     encoder_parts: tuple[str, ...] = ()
     uses_descriptions: bool = False
+    inference_settings: tuple[str, ...] = ()
     name: str = ""
 
     @classmethod
