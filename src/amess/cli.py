@@ -299,10 +299,9 @@ def _read_predict_tsv(path: Path) -> tuple[list[str], list[str]]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from amess.config import parse_overrides
     from amess.evaluate import evaluate_run
     from amess.training import format_table
-
-    from amess.config import parse_overrides
 
     overrides = parse_overrides(args.set)
     summary = evaluate_run(Path(args.run_dir), args.split, overrides)

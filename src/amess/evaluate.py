@@ -3,7 +3,8 @@
 are the ones fitted at training time), scored on the split, and the split's figures are
 merged into `summary.json`. With `overrides` (`amess evaluate --set amess.inference=both`:
 inference-time settings only, see `Predictor`) the same checkpoints are scored with those
-settings and nothing is written: the run folder keeps the figures of the settings it was
+settings (no out-of-scope figures: the detectors were fitted on the trained scores) and
+nothing is written: the run folder keeps the figures of the settings it was
 trained and chosen with. Exactly the run's seeds are used; a missing one is an error
 that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
 intents (`model_spec.json`) decide which rows are out-of-scope for it."""

@@ -87,7 +87,8 @@ class Predictor:
     def __init__(self, seed_dir: Path, overrides: dict[str, str] | None = None):
         """`overrides` (`{"amess.inference": "both"}`) switch inference-time settings of the
         trained method (its `inference_settings`) before the model is rebuilt; any other key
-        would change what was trained, and is an error."""
+        would change what was trained, and is an error. The out-of-scope detectors were fitted on
+        the scores of the trained settings, so with overrides there are none (no verdicts)."""
         from amess.config import Config
         from amess.data.batch import Collator
         from amess.models import build_model, method_class
@@ -121,7 +122,7 @@ class Predictor:
                                                       spec["text_max_len"])
         self.collator = Collator(encoder.tokenizer, text_max_len=spec["text_max_len"], video_dim=dims.get("video"),
                                  audio_dim=dims.get("audio"), hook=hook)
-        self.detectors = {name: FittedDetector.from_state(st) for name, st in spec["ood"].items()}
+        self.detectors = {} if overrides else {name: FittedDetector.from_state(st) for name, st in spec["ood"].items()}
 
     def __repr__(self) -> str:
         known = "" if self.known_labels is None else f" (known of {len(self.spec.get('all_labels') or [])})"
