@@ -170,13 +170,16 @@ def test_evaluate_set_switches_inference_on_the_same_checkpoints_and_writes_noth
 
     out = tmp_path / "run"
     _train(out, synth_dir, tiny_encoder_dir, "--method", "amess", "--modalities", "text")
-    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    def contents():
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    files = contents()
     stored = json.loads((out / "seed_0" / "metrics.json").read_text())["metrics"]["test"]["acc"]
     head = evaluate_run(out, "test", {"amess.inference": "head"})
     assert head["per_seed"][0]["test"]["acc"] == pytest.approx(stored, abs=1e-9)  # the trained setting: same figures
     sim = evaluate_run(out, "test", {"amess.inference": "similarity"})
     assert set(sim["per_seed"]) == {0}
-    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing written or overwritten
+    assert contents() == files  # nothing written or overwritten
     texts = ["can you help me with this", "i am so sorry about that"]
     p_head, p_sim = Predictor(out / "seed_0"), Predictor(out / "seed_0", {"amess.inference": "similarity"})
     assert p_sim.model.cfg.inference == "similarity" and p_head.model.cfg.inference == "head"

@@ -68,9 +68,9 @@ def _seed_dir(run_dir: Path, seed: int | None) -> Path:
     return seeds[0]
 
 
-def inference_overrides(method: str, overrides: dict[str, str], where: Path) -> dict[str, str]:
-    """Check that every `section.key` override names an inference-time setting of `method`
-    (`IntentModel.inference_settings`); return them unchanged."""
+def check_inference_overrides(method: str, overrides: dict[str, str], where: Path) -> None:
+    """Refuse any `section.key` override that is not an inference-time setting of `method`
+    (`IntentModel.inference_settings`): it would change what was trained."""
     from amess.models import method_class
 
     allowed = [f"{method}.{k}" for k in method_class(method).inference_settings]
@@ -78,7 +78,6 @@ def inference_overrides(method: str, overrides: dict[str, str], where: Path) -> 
     if bad:
         raise ValueError(f"{where}: --set {bad[0]} would change the trained {method!r} model; at evaluation only "
                          f"its inference-time settings may change: {allowed or 'none'}")
-    return overrides
 
 
 class Predictor:
@@ -108,7 +107,8 @@ class Predictor:
         self.method: str = spec["method"]
         self.config = Config.from_dict(spec["config"])
         if overrides:
-            self.config = self.config.override(inference_overrides(self.method, overrides, self.seed_dir))
+            check_inference_overrides(self.method, overrides, self.seed_dir)
+            self.config = self.config.override(overrides)
         enc = spec["encoder"]
         encoder = encoder_from_architecture(self.seed_dir / enc["folder"], enc["name"], enc["parts"])
         dims = spec["feature_dims"]
