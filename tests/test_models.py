@@ -412,6 +412,55 @@ def test_pool_frames_means_real_frames_only():
     assert p2[0, :, 0].tolist() == [8.0, 0.0] and pm2[0].tolist() == [True, False]
 
 
+def test_pool_frames_ignores_whatever_padding_holds():
+    """Windows average the real frames only, whatever the padded frames hold (checked against a
+    loop over windows, at a length that leaves a partial last window)."""
+    from amess.models.amess import pool_frames
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 23, 4, generator=g)
+    lengths = torch.tensor([23, 10, 0])
+    mask = torch.arange(23)[None] < lengths[:, None]
+    x = torch.where(mask[..., None], x, torch.full_like(x, 1e4))  # padding far from any real value
+    p, pm = pool_frames(x, mask, 5)  # window ceil(23 / 5) = 5: 4 whole windows and one of 3 frames
+    assert p.shape == (3, 5, 4)
+    for i in range(3):
+        for j in range(5):
+            real = x[i, j * 5:(j + 1) * 5][mask[i, j * 5:(j + 1) * 5]]
+            assert pm[i, j] == (len(real) > 0)
+            want = real.mean(0) if len(real) else torch.zeros(4)
+            assert torch.allclose(p[i, j], want, atol=1e-5), (i, j)
+
+
+@pytest.mark.parametrize("heads", [1, 4])
+def test_anchor_attention_is_multihead_attention(heads):
+    """The folded cross-attention of the fusion computes what nn.MultiheadAttention computes,
+    values and gradients alike (masked keys, a row without frames, biases that do not cancel)."""
+    from torch import nn
+
+    from amess.models.amess import _key_padding, anchor_attention
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, heads, batch_first=True).double()
+    nn.init.normal_(attn.in_proj_bias)
+    nn.init.normal_(attn.out_proj.bias)
+    q = torch.randn(3, 4, 16, dtype=torch.double, requires_grad=True)
+    h = torch.randn(3, 9, 16, dtype=torch.double, requires_grad=True)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    mask[2] = False
+    kp = _key_padding(mask)
+    ref = attn(q, h, h, key_padding_mask=kp, need_weights=False)[0]
+    out = anchor_attention(attn, q, h, kp)
+    assert torch.allclose(out, ref, atol=1e-10)
+    w = torch.randn_like(ref)
+    params = [q, h, attn.in_proj_weight, attn.in_proj_bias, attn.out_proj.weight]
+    for a, b in zip(torch.autograd.grad((ref * w).sum(), params), torch.autograd.grad((out * w).sum(), params)):
+        assert torch.allclose(a, b, atol=1e-10)
+    with pytest.raises(ValueError, match="dropout"):
+        anchor_attention(nn.MultiheadAttention(16, heads, dropout=0.1, batch_first=True), q.float(), h.float(), kp)
+
+
 def test_max_frames_bounds_what_the_nonverbal_encoders_see():
     model = make_model(max_frames=2).eval()
     full = make_model().eval()
