@@ -107,11 +107,9 @@ class AmessSettings:
     max_frames: int | None = 16
     """Average-pool each non-verbal stream over consecutive real frames to at most this many
     frames before its encoder (masks from the true lengths; a pooled frame averages only real
-    frames). None keeps every frame. Default 16 (was 32): inference with video and audio at
-    1.27x / 1.46x `text` against 1.38x / 1.77x in two bench runs, and on the demo data the same
-    accuracy over 3 seeds
-    (+0.33 +- 1.87 points, paired; BENCHMARKS.md 2026-12-03). Chosen on synthetic data, the only
-    multimodal data here: real features (MIntRec: up to 225 video, 477 audio frames) may
+    frames). None keeps every frame. Default 16 (was 32): cheaper inference with video and
+    audio at the same demo accuracy (BENCHMARKS.md, 2026-12-03). Chosen on synthetic data, the
+    only multimodal data here: real features (MIntRec: up to 225 video, 477 audio frames) may
     want 32 back."""
     inference: str = "head"
     """Scores at evaluation: `head` (classifier softmax), `similarity` (softmax over the scaled
