@@ -613,3 +613,30 @@ def test_ss_warmup_ramps_the_ss_weight_and_is_resumable():
     assert int(fresh.ss_step) == 0
     with pytest.raises(ValueError, match="ss_warmup"):
         AmessConfig(ss_warmup=-1)
+
+
+def test_tau_schedule_anneals_a_fixed_temperature_and_is_resumable():
+    batch = make_batch()
+    model = make_model(learn_tau=False, tau=0.5, tau_end=0.1, tau_steps=4).train()
+    assert not isinstance(model.log_scale, torch.nn.Parameter)
+    scales = []
+    for _ in range(6):
+        scales.append(model.loss(model(batch), batch)[1]["scale"])
+    taus = [0.1 + 0.4 * 0.5 * (1 + math.cos(math.pi * min(t, 4) / 4)) for t in range(6)]
+    assert scales == pytest.approx([1 / t for t in taus], rel=1e-5)  # 0.5 -> 0.1, then 0.1
+    model.eval()
+    with torch.no_grad():
+        out = model(batch)
+        assert model.loss(out, batch)[1]["scale"] == pytest.approx(10.0)  # evaluation: the end value
+        sims = (out.extras["desc_sims"] * 10.0).softmax(-1)
+    model.cfg.inference = "similarity"
+    assert torch.allclose(model.predict_scores(out), sims, atol=1e-6)
+    assert int(model.tau_step) == 6  # evaluation does not advance the schedule
+    fresh = make_model(learn_tau=False, tau=0.5, tau_end=0.1, tau_steps=4)
+    fresh.load_state_dict(model.state_dict())
+    assert int(fresh.tau_step) == 6 and float(fresh.logit_scale()) == pytest.approx(10.0)
+    assert "tau_step" not in make_model().state_dict()
+    for bad in ({"tau_end": 0.1}, {"tau_end": 0.1, "learn_tau": False, "ss_loss": "margin"},
+                {"tau_end": 0.0, "learn_tau": False}, {"tau_end": 0.1, "learn_tau": False, "tau_steps": 0}):
+        with pytest.raises(ValueError, match="tau_"):
+            AmessConfig(**bad)
