@@ -35,7 +35,8 @@ MINTREC2 = [
     "Emphasize", "Explain", "Flaunt", "Greet", "Inform", "Introduce", "Invite", "Joke", "Leave",
     "Oppose", "Plan", "Praise", "Prevent", "Refuse", "Taunt", "Thank", "Warn",
 ]  # fmt: skip
-SETS = {"mintrec": MINTREC, "mintrec_binary": MINTREC_BINARY, "mintrec2": MINTREC2}
+SETS = {"mintrec": MINTREC, "mintrec_alt": MINTREC, "mintrec_binary": MINTREC_BINARY, "mintrec2": MINTREC2}
+SEVERAL = {"mintrec_alt": 2}  # sets with several descriptions per label: how many
 
 TEMPLATE = "Describe <<{label}>> among [{labels}]. {dataset_hint}"
 
@@ -60,7 +61,12 @@ def test_shipped_set_labels_in_official_order(name):
     assert list(doc["descriptions"]) == SETS[name]
     descs = load_descriptions(name, SETS[name])
     assert len(descs) == len(SETS[name])
-    for label, text in zip(SETS[name], descs):
+    if name in SEVERAL:
+        assert all(isinstance(d, list) and len(d) == SEVERAL[name] for d in descs)
+        labels, descs = [lb for lb in SETS[name] for _ in range(SEVERAL[name])], sum(descs, [])
+    else:
+        labels = SETS[name]
+    for label, text in zip(labels, descs):
         assert isinstance(text, str) and len(text.split()) >= 15, label
         # 1 to 3 sentences (ignore "?" / "!" inside quoted examples and "..." ellipses)
         unquoted = re.sub(r'"[^"]*"', "Q", text).replace("...", "")
@@ -74,7 +80,7 @@ def test_shipped_provenance(name):
     prov = load_provenance(name)
     for key in ("model", "prompt", "date", "notes"):
         assert isinstance(prov.get(key), str) and prov[key].strip(), key
-    assert prov["date"] == "2026-11-28"
+    assert prov["date"] == ("2026-12-03" if name == "mintrec_alt" else "2026-11-28")
     assert "{label}" in prov["prompt"]
 
 
@@ -83,6 +89,25 @@ def test_load_descriptions_follows_requested_order():
     descs = load_descriptions("mintrec", labels)
     full = dict(zip(MINTREC, load_descriptions("mintrec", MINTREC)))
     assert descs == [full[label] for label in labels]
+
+
+def test_several_descriptions_per_label_from_lists_and_joined_sets(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump({"A": ["alpha one", " alpha two "], "B": "beta"}))
+    assert load_descriptions(str(path), ["B", "A"]) == ["beta", ["alpha one", "alpha two"]]
+    other = tmp_path / "other.json"
+    other.write_text('{"A": "alpha three", "B": ["beta two"]}')
+    assert load_descriptions(f"{path}+{other}", ["A", "B"]) == [
+        ["alpha one", "alpha two", "alpha three"], ["beta", "beta two"]]
+    joined = load_descriptions("mintrec+mintrec_alt", ["Greet", "Leave"])
+    base, alt = load_descriptions("mintrec", ["Greet", "Leave"]), load_descriptions("mintrec_alt", ["Greet", "Leave"])
+    assert joined == [[b] + a for b, a in zip(base, alt)]
+    with pytest.raises(ValueError, match="no description.*'C'"):
+        load_descriptions(f"{path}+mintrec", ["A", "C"])
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("A: []\nB: ['ok', '']\n")
+    with pytest.raises(ValueError, match=r"empty.yaml.*\['A', 'B'\]"):
+        load_descriptions(str(empty), ["A"])
 
 
 def test_load_descriptions_missing_label_names_file_and_labels(tmp_path):

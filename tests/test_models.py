@@ -47,7 +47,8 @@ def make_model(method: str = "amess", *, video: bool = True, audio: bool = True,
     torch.manual_seed(seed + 1)
     return build_model(method, config=make_config(**amess), encoder=encoder, num_labels=C,
                        video_dim=DV if video else None, audio_dim=DA if audio else None,
-                       label_names=LABELS, descriptions=DESCRIPTIONS if descriptions else None)
+                       label_names=LABELS, descriptions=(DESCRIPTIONS if descriptions is True
+                                                         else descriptions or None))
 
 
 def make_batch(*, lengths=(10, 7, 5, 3), labels=None, video: bool = True, audio: bool = True,
@@ -640,3 +641,30 @@ def test_tau_schedule_anneals_a_fixed_temperature_and_is_resumable():
                 {"tau_end": 0.0, "learn_tau": False}, {"tau_end": 0.1, "learn_tau": False, "tau_steps": 0}):
         with pytest.raises(ValueError, match="tau_"):
             AmessConfig(**bad)
+
+
+@pytest.mark.parametrize("desc_encoder", ["shared", "frozen"])
+def test_several_descriptions_per_label_average_into_one_label_embedding(desc_encoder):
+    several = [[d, f"{d} again", "more words here"] if c % 2 == 0 else d for c, d in enumerate(DESCRIPTIONS)]
+    model = make_model(descriptions=several, desc_encoder=desc_encoder, desc_refresh=1).eval()
+    n = sum(3 if c % 2 == 0 else 1 for c in range(C))
+    assert model.desc_input_ids.shape[0] == n
+    with torch.no_grad():
+        e = model.describe()
+        assert e.shape == (C, model.cfg.proj_dim)
+        pooled = model.desc_cache if desc_encoder == "frozen" else model._encode_descriptions()
+        each = F.normalize(model.proj_desc(pooled), dim=-1)
+        row = 0
+        for c in range(C):
+            k = 3 if c % 2 == 0 else 1
+            assert torch.allclose(e[c], F.normalize(each[row:row + k].mean(0), dim=0), atol=1e-6)
+            row += k
+    batch = make_batch()
+    model.train()
+    loss, _ = model.loss(model(batch), batch)
+    loss.backward()
+    assert model.proj_desc.weight.grad is not None and torch.isfinite(model.proj_desc.weight.grad).all()
+    named = make_model(descriptions=several, desc_text="name+description")
+    assert named.desc_input_ids.shape[0] == n
+    with pytest.raises(ValueError, match="empty"):
+        make_model(descriptions=[[]] + list(DESCRIPTIONS[1:]))

@@ -9,6 +9,7 @@ Each shipped set is a YAML file in this package::
       notes: ...
     descriptions:          # label -> 1 to 3 sentences, in the dataset's official order
       Complain: ...
+      Praise: [..., ...]   # or several descriptions of one label (SS averages them)
 
 Shipped sets: ``mintrec`` (20 intents), ``mintrec_binary`` (MIntRec's Emotion / Goal
 coarse task) and ``mintrec2`` (the 30 in-scope intents of MIntRec2.0; the out-of-scope
@@ -17,7 +18,8 @@ mapping label -> description, in YAML or JSON. New sets can be written with
 ``amess labels generate`` (see :mod:`amess.labels.generate`).
 
 Labels are matched exactly (case and spaces included); a file may describe more labels
-than asked for, never fewer.
+than asked for, never fewer. Several sets joined by ``+`` (``mintrec+mintrec_alt``) give
+each label the descriptions of every set, in that order: several descriptions per label.
 """
 
 from __future__ import annotations
@@ -83,32 +85,50 @@ def _load_document(name_or_path: str | Path) -> tuple[str, dict[str, Any], dict[
     else:
         provenance = {}
         descriptions = data
+    def text(desc: Any) -> bool:
+        return isinstance(desc, str) and bool(desc.strip())
+
     bad = [
         str(label)
         for label, desc in descriptions.items()
-        if not isinstance(label, str) or not isinstance(desc, str) or not desc.strip()
+        if not isinstance(label, str)
+        or not (text(desc) or (isinstance(desc, list) and desc and all(map(text, desc))))
     ]
     if bad:
         raise ValueError(
-            f"{source}: these entries are not a label name with a non-empty text description: "
-            f"{bad}"
+            f"{source}: these entries are not a label name with a non-empty text description "
+            f"(or a non-empty list of them): {bad}"
         )
-    return source, dict(provenance), {label: desc.strip() for label, desc in descriptions.items()}
+    return source, dict(provenance), {
+        label: desc.strip() if isinstance(desc, str) else [d.strip() for d in desc]
+        for label, desc in descriptions.items()
+    }
 
 
-def load_descriptions(name_or_path: str, labels: list[str]) -> list[str]:
-    """Descriptions for ``labels``, in that order.
+def load_descriptions(name_or_path: str, labels: list[str]) -> list[str | list[str]]:
+    """Descriptions for ``labels``, in that order: a string per label, or a list of strings
+    for a label with several descriptions.
 
     Args:
         name_or_path: a shipped set name (see :func:`shipped_sets`; a name wins over a file
-            of the same name in the working directory) or a path to a YAML or JSON file, either ``{provenance: ..., descriptions: {label: text}}`` or a plain
-            mapping ``{label: text}``.
+            of the same name in the working directory) or a path to a YAML or JSON file, either
+            ``{provenance: ..., descriptions: {label: text}}`` or a plain mapping
+            ``{label: text}`` (a text may be a list of texts); or several of these joined by
+            ``+``, whose descriptions are concatenated per label.
         labels: label names, matched exactly.
 
     Raises:
         FileNotFoundError: not a shipped set and no such file.
         ValueError: unparsable file, or labels without a description (all are named).
     """
+    key = str(name_or_path)
+    parts = key.split("+")
+    if len(parts) > 1 and key not in shipped_sets() and not Path(key).expanduser().is_file():
+        merged: list[list[str]] = [[] for _ in labels]
+        for part in parts:
+            for i, desc in enumerate(load_descriptions(part, labels)):
+                merged[i] += [desc] if isinstance(desc, str) else desc
+        return merged
     source, _, descriptions = _load_document(name_or_path)
     missing = [label for label in labels if label not in descriptions]
     if missing:

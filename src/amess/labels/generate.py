@@ -476,7 +476,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
         if provenance.get(key):
             print(f"# {key}: {provenance[key]}")
     for label, text in descriptions.items():
-        print(f"\n{label}:\n  {text}")
+        texts = [text] if isinstance(text, str) else text
+        print(f"\n{label}:" + "".join(f"\n  {t}" for t in texts))
     return 0
 
 

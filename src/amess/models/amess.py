@@ -344,8 +344,10 @@ class AMESS(IntentModel):
     Built by the training loop with `config` (reads `config.model`), its `settings`
     (`AmessSettings`),
     the shared `encoder`, `num_labels` C, the feature sizes of the used streams (None for
-    an unused one), and `descriptions`: one string per label (needed unless
-    `amess.ss_loss=none`; without them there is no `desc_sims`).
+    an unused one), and `descriptions`: one string per label, or a list of strings for a
+    label with several descriptions (SS 2: e_c is then the normalised mean of their
+    normalised embeddings) (needed unless `amess.ss_loss=none`; without them there is no
+    `desc_sims`).
 
     `forward` returns `IntentOutput(logits (b, C), pooled z_m (b, h), extras)` with extras:
     - `anchor_index` (b, k) long: positions in the input sequence where non-verbal
@@ -438,15 +440,17 @@ class AMESS(IntentModel):
 
     # ----- SS 1-2: descriptions -------------------------------------------------------
 
-    def _label_texts(self, descriptions: list[str], label_names: Sequence[str] | None) -> list[str]:
-        """The texts that stand for the labels (`desc_text`)."""
+    def _label_texts(self, descriptions: list[str | list[str]],
+                     label_names: Sequence[str] | None) -> list[list[str]]:
+        """The texts that stand for each label (`desc_text`): one or several per label."""
+        texts = [[d] if isinstance(d, str) else list(d) for d in descriptions]
         if self.cfg.desc_text == "description":
-            return descriptions
+            return texts
         if label_names is None or len(label_names) != len(descriptions):
             raise ValueError(f"amess.desc_text={self.cfg.desc_text!r} needs the label names, one per label")
         if self.cfg.desc_text == "name":
-            return list(label_names)
-        return [f"{n}: {d}" for n, d in zip(label_names, descriptions)]
+            return [[n] for n in label_names]
+        return [[f"{n}: {d}" for d in ds] for n, ds in zip(label_names, texts)]
 
     def _init_head_from_descriptions(self) -> None:
         """`head_init=descriptions`: head row c = P_u^T e_c at the default init's row norm."""
@@ -456,34 +460,44 @@ class AMESS(IntentModel):
         self.encoder.eval()
         with torch.no_grad():
             pooled = self.desc_cache if self.cfg.desc_encoder == "frozen" else self._encode_descriptions()
-            e = F.normalize(self.proj_desc(pooled), dim=-1)  # (C, p)
+            e = self._label_embeddings(self.proj_desc(pooled))  # (C, p)
             w = e @ self.proj_utt.weight  # (C, h)
             target = self.head.weight.norm(dim=1).mean()
             self.head.weight.copy_(w / w.norm(dim=1, keepdim=True).clamp_min(1e-12) * target)
             self.head.bias.zero_()
         self.encoder.train(was_training)
 
-    def _register_descriptions(self, descriptions: list[str], num_labels: int,
+    def _register_descriptions(self, descriptions: list[list[str]], num_labels: int,
                                label_names: Sequence[str] | None) -> None:
-        """Tokenise the descriptions once; in `frozen` mode also encode them once.
+        """Tokenise the descriptions (N >= C texts, one or more per label) once; in `frozen`
+        mode also encode them once.
 
         `frozen` encodes with the encoder as it is now (the pretrained weights), in eval
         mode and without gradients: the same as a frozen copy of the encoder, but no copy
-        is kept, so the memory cost is the (C, h) cache alone. The cache and the token ids
-        are derived from the descriptions at construction and are not saved in checkpoints.
+        is kept, so the memory cost is the (N, h) cache alone. The token ids are derived from
+        the descriptions at construction and are not saved; the cache is (a reloaded run
+        scores with the vectors it trained with).
         """
         if len(descriptions) != num_labels:
             raise ValueError(f"amess: {len(descriptions)} label descriptions for {num_labels} labels; "
-                             "expected one per label, in label order")
-        for i, text in enumerate(descriptions):
-            if not isinstance(text, str) or not text.strip():
+                             "expected one per label (a string or a list of strings), in label order")
+        for i, texts in enumerate(descriptions):
+            if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
                 name = label_names[i] if label_names is not None else i
                 raise ValueError(f"amess: the description of label {name!r} is empty or not a string")
         if self.encoder.tokenizer is None:
             raise ValueError("amess: label descriptions need the text encoder's tokenizer")
-        enc = self.encoder.tokenizer(descriptions, padding=True, truncation=True,
+        flat = [t for texts in descriptions for t in texts]
+        enc = self.encoder.tokenizer(flat, padding=True, truncation=True,
                                      max_length=self.cfg.desc_max_len, return_tensors="pt")
         device = next(self.encoder.parameters()).device
+        # (C, N) averaging matrix: row c averages the texts of label c (None: one text per label)
+        if len(flat) > num_labels:
+            owner = torch.tensor([c for c, texts in enumerate(descriptions) for _ in texts])
+            avg = F.one_hot(owner, num_labels).t().float()
+            self.register_buffer("desc_average", (avg / avg.sum(1, keepdim=True)).to(device), persistent=False)
+        else:
+            self.desc_average = None
         self.register_buffer("desc_input_ids", enc["input_ids"].to(device), persistent=False)  # (C, n_c)
         self.register_buffer("desc_attention_mask", enc["attention_mask"].to(device), persistent=False)
         if self.cfg.desc_encoder == "frozen":
@@ -492,14 +506,14 @@ class AMESS(IntentModel):
             with torch.no_grad():
                 cache = self._encode_descriptions()
             self.encoder.train(was_training)
-            self.register_buffer("desc_cache", cache)  # (C, h)
+            self.register_buffer("desc_cache", cache)  # (N, h)
         elif self.cfg.desc_refresh > 1:
             # saved with the model, so that a resumed run reuses the same vectors at the same steps
-            self.register_buffer("desc_stale", torch.zeros(num_labels, self.encoder.hidden_size, device=device))
+            self.register_buffer("desc_stale", torch.zeros(len(flat), self.encoder.hidden_size, device=device))
             self.register_buffer("desc_step", torch.zeros((), dtype=torch.long, device=device))
 
     def _encode_descriptions(self) -> torch.Tensor:
-        """(C, h) pooled description embeddings from the (shared) encoder."""
+        """(N, h) pooled embeddings of the N description texts from the (shared) encoder."""
         hidden = self.encoder(input_ids=self.desc_input_ids, attention_mask=self.desc_attention_mask)
         return self.encoder.pool(hidden, self.desc_attention_mask, self.pooling)
 
@@ -524,10 +538,17 @@ class AMESS(IntentModel):
             self.desc_step += 1
         else:
             pooled = self._encode_descriptions()
-        e = self.proj_desc(pooled) if self.proj_desc is not None else pooled
-        e = F.normalize(e, dim=-1)
+        e = self._label_embeddings(self.proj_desc(pooled) if self.proj_desc is not None else pooled)
         self._eval_desc = e if caching else None
         return e
+
+    def _label_embeddings(self, e: torch.Tensor) -> torch.Tensor:
+        """(N, p) embeddings of the description texts -> (C, p) normalised label embeddings:
+        with several texts per label, the normalised mean of their normalised embeddings."""
+        e = F.normalize(e, dim=-1)
+        if self.desc_average is None:
+            return e
+        return F.normalize(self.desc_average.to(e.dtype) @ e, dim=-1)
 
     def train(self, mode: bool = True) -> "AMESS":
         if mode:
