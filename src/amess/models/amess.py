@@ -88,7 +88,7 @@ class AmessSettings:
     to `tau_end` along a half cosine over the first `tau_steps` training steps, then stays at
     `tau_end` (also at evaluation). None keeps `tau` constant."""
     tau_steps: int = 375
-    """Length of the temperature schedule in training steps (375 = 5 epochs of MIntRec's 90%
+    """Length of the temperature schedule in training steps (375: about 5 epochs of MIntRec's 90%
     train slice at batch 16)."""
     proj_dim: int = 128
     """p, the size of the shared semantic space."""
