@@ -501,6 +501,50 @@ def test_desc_refresh_reencodes_every_nth_step_only():
     assert int(fresh.desc_step) == 0
 
 
+def test_momentum_description_encoder_is_an_ema_copy_without_gradients():
+    m = 0.5
+    model = make_model(desc_encoder="momentum", desc_momentum=m, desc_refresh=2).train()
+    mom, enc = model.desc_momentum_encoder, model.encoder
+    assert not any(p.requires_grad for p in mom.parameters())
+    trainable = {id(p) for g in model.param_groups(1e-3, 0.0) for p in g["params"]}
+    assert not trainable & {id(p) for p in mom.parameters()}  # never in the optimizer
+    assert all(torch.equal(a, b) for a, b in zip(mom.parameters(), enc.parameters()))  # starts as a copy
+    calls = []
+    orig = model._encode_descriptions
+    model._encode_descriptions = lambda encoder=None: calls.append(encoder) or orig(encoder)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    batch = make_batch()
+    word = lambda module: module.model.get_input_embeddings().weight  # noqa: E731
+    for step in range(4):
+        before_m, before_e = word(mom).clone(), word(enc).detach().clone()
+        opt.zero_grad()
+        loss, _ = model.loss(model(batch), batch)
+        loss.backward()
+        # theta_m <- m theta_m + (1 - m) theta_text, with the text weights of before this step's update
+        assert torch.allclose(word(mom), m * before_m + (1 - m) * before_e, atol=1e-6)
+        assert float(word(enc).grad[10].abs().sum()) == 0.0  # "w10" is only in a description
+        assert model.proj_desc.weight.grad is not None  # the projection still learns
+        opt.step()
+    assert calls == [mom, mom] and int(model.desc_step) == 4  # re-encoded at steps 0 and 2
+    assert not torch.equal(word(mom), word(enc).detach())  # it lags behind the trained encoder
+    model.eval()
+    with torch.no_grad():
+        e = model.describe()
+        hidden = mom(input_ids=model.desc_input_ids, attention_mask=model.desc_attention_mask)
+        want = F.normalize(model.proj_desc(mom.pool(hidden, model.desc_attention_mask, model.pooling)), dim=-1)
+    assert torch.allclose(e, want, atol=1e-6)  # evaluation scores with the momentum copy
+    state = model.state_dict()
+    assert any(k.startswith("desc_momentum_encoder.") for k in state)  # saved with the run
+    fresh = make_model(desc_encoder="momentum", desc_momentum=m, desc_refresh=2, seed=3)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.allclose(fresh(batch).logits, model(batch).logits, atol=1e-6)
+        assert torch.allclose(fresh.describe(), e, atol=1e-6)
+    with pytest.raises(ValueError, match="desc_momentum"):
+        AmessConfig(desc_encoder="momentum", desc_momentum=1.0)
+
+
 def test_text_view_without_gradient_is_a_forward_pass_only():
     batch = make_batch()
     for grad in (True, False):

@@ -28,6 +28,7 @@ einops legend:
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -52,7 +53,7 @@ MAX_LOGIT_SCALE = 100.0
 
 ANCHOR_MODES = ("topk", "learned", "all", "none")
 SS_LOSSES = ("none", "triplet", "margin")
-DESC_ENCODERS = ("shared", "frozen")
+DESC_ENCODERS = ("shared", "frozen", "momentum")
 INFERENCE_MODES = ("head", "similarity", "both")
 DESC_TEXTS = ("description", "name", "name+description")
 HEAD_INITS = ("random", "descriptions")
@@ -95,8 +96,16 @@ class AmessSettings:
     text_view: bool = True
     """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
     desc_encoder: str = "shared"
-    """Description encoder: `shared` (the trained text encoder, re-encoded every step) or
-    `frozen` (the pretrained encoder, encoded once at construction and cached)."""
+    """Description encoder: `shared` (the trained text encoder, re-encoded every
+    `desc_refresh`-th step), `frozen` (the pretrained encoder, encoded once at construction
+    and cached) or `momentum` (MoCo-style: a copy of the text encoder whose weights follow
+    the trained encoder as an exponential moving average, `desc_momentum`, updated every
+    training step; it encodes the descriptions without gradients, every `desc_refresh`-th
+    step, and at evaluation; it is saved with the model, so a run is ~2x the encoder's size
+    on disk and in memory)."""
+    desc_momentum: float = 0.99
+    """With `desc_encoder=momentum`: theta_desc <- m * theta_desc + (1 - m) * theta_text at
+    every training step (MoCo's 0.999 is for 100k+ steps; MIntRec has ~75 steps an epoch)."""
     desc_max_len: int = 64
     """Max tokens of a label description, special tokens included."""
     desc_refresh: int = 8
@@ -171,6 +180,8 @@ class AmessSettings:
                 raise ValueError(f"amess.tau_steps must be >= 1 (training steps), got {self.tau_steps}")
         if self.proj_dim < 1:
             raise ValueError(f"amess.proj_dim must be >= 1, got {self.proj_dim}")
+        if not 0.0 <= self.desc_momentum < 1.0:
+            raise ValueError(f"amess.desc_momentum must lie in [0, 1), got {self.desc_momentum}")
         if self.desc_refresh < 1:
             raise ValueError(f"amess.desc_refresh must be >= 1 (re-encode every N steps), got {self.desc_refresh}")
         if self.max_frames is not None and self.max_frames < 1:
@@ -507,15 +518,28 @@ class AMESS(IntentModel):
                 cache = self._encode_descriptions()
             self.encoder.train(was_training)
             self.register_buffer("desc_cache", cache)  # (N, h)
-        elif self.cfg.desc_refresh > 1:
+        if self.cfg.desc_encoder == "momentum":
+            # a submodule, so that it is saved, moved and reloaded with the model; never trained
+            self.desc_momentum_encoder = TextEncoder(copy.deepcopy(self.encoder.model), None, self.encoder.name)
+            self.desc_momentum_encoder.requires_grad_(False).eval()
+        if self.cfg.desc_encoder == "momentum" or (self.cfg.desc_encoder == "shared" and self.cfg.desc_refresh > 1):
             # saved with the model, so that a resumed run reuses the same vectors at the same steps
             self.register_buffer("desc_stale", torch.zeros(len(flat), self.encoder.hidden_size, device=device))
             self.register_buffer("desc_step", torch.zeros((), dtype=torch.long, device=device))
 
-    def _encode_descriptions(self) -> torch.Tensor:
-        """(N, h) pooled embeddings of the N description texts from the (shared) encoder."""
-        hidden = self.encoder(input_ids=self.desc_input_ids, attention_mask=self.desc_attention_mask)
-        return self.encoder.pool(hidden, self.desc_attention_mask, self.pooling)
+    def _encode_descriptions(self, encoder: TextEncoder | None = None) -> torch.Tensor:
+        """(N, h) pooled embeddings of the N description texts from `encoder` (default: the
+        shared text encoder)."""
+        encoder = self.encoder if encoder is None else encoder
+        hidden = encoder(input_ids=self.desc_input_ids, attention_mask=self.desc_attention_mask)
+        return encoder.pool(hidden, self.desc_attention_mask, self.pooling)
+
+    @torch.no_grad()
+    def _momentum_step(self) -> None:
+        """theta_desc <- m * theta_desc + (1 - m) * theta_text (MoCo's key-encoder update)."""
+        mine = [p for p in self.desc_momentum_encoder.parameters()]
+        theirs = [p.detach() for p in self.encoder.parameters()]
+        torch._foreach_lerp_(mine, theirs, 1.0 - self.cfg.desc_momentum)
 
     def describe(self) -> torch.Tensor:
         """(C, p) normalised description embeddings e_c (SS 2-3).
@@ -528,6 +552,17 @@ class AMESS(IntentModel):
             return self._eval_desc
         if self.cfg.desc_encoder == "frozen":
             pooled = self.desc_cache
+        elif self.cfg.desc_encoder == "momentum":
+            if self.training and torch.is_grad_enabled():
+                self._momentum_step()
+                if int(self.desc_step) % self.cfg.desc_refresh == 0:
+                    with torch.no_grad():
+                        self.desc_stale.copy_(self._encode_descriptions(self.desc_momentum_encoder))
+                self.desc_step += 1
+                pooled = self.desc_stale
+            else:
+                with torch.no_grad():
+                    pooled = self._encode_descriptions(self.desc_momentum_encoder)
         elif self.cfg.desc_refresh > 1 and self.training and torch.is_grad_enabled():
             # re-encode every desc_refresh-th training step, reuse the last vectors in between
             if int(self.desc_step) % self.cfg.desc_refresh == 0:
@@ -553,7 +588,10 @@ class AMESS(IntentModel):
     def train(self, mode: bool = True) -> "AMESS":
         if mode:
             self._eval_desc = None  # weights may change from here on
-        return super().train(mode)
+        super().train(mode)
+        if getattr(self, "desc_momentum_encoder", None) is not None:
+            self.desc_momentum_encoder.eval()  # no dropout: it only encodes, without gradients
+        return self
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._eval_desc = None  # new weights: the evaluation cache is stale
