@@ -250,7 +250,7 @@ def test_init_stays_close_to_text_model():
 
 
 @pytest.mark.parametrize("mode", ["topk", "learned", "all", "none"])
-@pytest.mark.parametrize("desc", ["shared", "frozen"])
+@pytest.mark.parametrize("desc", ["shared", "frozen", "momentum"])
 def test_parameters_finite_after_construction(mode, desc):
     model = make_model(anchor_mode=mode, desc_encoder=desc)
     for name, p in list(model.named_parameters()) + list(model.named_buffers()):

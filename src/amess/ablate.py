@@ -76,6 +76,7 @@ ABLATIONS: list[Ablation] = [
     Ablation("frozen descriptions", "desc", {"amess.desc_encoder": "frozen"}),
     # The reverse, for a base run with `--set amess.desc_encoder=frozen` (cheaper on a CPU).
     Ablation("shared descriptions", "desc", {"amess.desc_encoder": "shared"}),
+    Ablation("momentum descriptions", "desc", {"amess.desc_encoder": "momentum"}),
     # Modality drop.
     Ablation("text only", "modality", {"data.modalities": ["text"]}),
     Ablation("text+audio", "modality", {"data.modalities": ["text", "audio"]}),
