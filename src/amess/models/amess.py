@@ -110,7 +110,8 @@ class AmessSettings:
     """Max tokens of a label description, special tokens included."""
     desc_refresh: int = 8
     """With the `shared` description encoder: re-encode the descriptions through the encoder
-    (with gradients) every N-th training step; the steps in between reuse the pooled vectors
+    (with gradients) every N-th training step (with `momentum`: through the momentum copy,
+    without gradients); the steps in between reuse the pooled vectors
     of the last re-encoding (no gradient into the encoder from them; the projection still
     learns). 1 = every step (the cost of the description pass, ~3x the utterance pass on
     MIntRec, is then paid every step). Evaluation always encodes with the current weights.
