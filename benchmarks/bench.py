@@ -196,6 +196,13 @@ def _stats(xs: list[float]) -> str:
     return f"{statistics.median(xs):.1f} (min {min(xs):.1f}, max {max(xs):.1f})"
 
 
+def _paired(res: dict, other: str, key: str) -> str:
+    """The time ratio other / text per repetition (the two ran back to back, so a change of
+    the machine's speed between repetitions cancels): median (min-max)."""
+    r = [t / o for t, o in zip(res["text"][key], res[other][key])]
+    return f"{statistics.median(r):.2f}x ({min(r):.2f}-{max(r):.2f})"
+
+
 def throughput(data_dir: Path, methods: list[str], modalities: list[str], reps: int, steps: int,
                extra: dict | None = None) -> dict:
     benches = {m: Bench(_cfg(data_dir, m, modalities, 16, extra)) for m in methods}
@@ -356,7 +363,9 @@ def main() -> None:
             for other in [m for m in runnable if m != "text" and "text" in res]:
                 tr = statistics.median(res["text"]["train"]) / statistics.median(res[other]["train"])
                 inf = statistics.median(res["text"]["infer"]) / statistics.median(res[other]["infer"])
-                ratios.append(f"{name}: {other} step time = {tr:.2f}x text, inference time = {inf:.2f}x text")
+                ratios.append(f"{name}: {other} step time = {tr:.2f}x text, inference time = {inf:.2f}x text "
+                              f"(paired by repetition: step {_paired(res, other, 'train')}, inference "
+                              f"{_paired(res, other, 'infer')})")
         lines += [""] + [f"- {r}" for r in ratios]
         if not args.skip_memory:
             big = Path(args.memory_data) if args.memory_data else tmp / "mintrec_size"
