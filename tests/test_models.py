@@ -473,7 +473,7 @@ def test_max_frames_bounds_what_the_nonverbal_encoders_see():
 
 
 def test_desc_refresh_reencodes_every_nth_step_only():
-    model = make_model(desc_refresh=3).train()
+    model = make_model(desc_encoder="shared", desc_refresh=3).train()
     assert {"desc_stale", "desc_step"} <= set(model.state_dict())  # resumed runs keep the schedule
     calls = []
     orig = model._encode_descriptions
@@ -494,9 +494,9 @@ def test_desc_refresh_reencodes_every_nth_step_only():
     with torch.no_grad():
         model(batch)
     assert len(calls) == 4  # evaluation encodes with the current weights
-    assert "desc_stale" not in make_model(desc_refresh=1).state_dict()  # every step: nothing to keep
+    assert "desc_stale" not in make_model(desc_encoder="shared", desc_refresh=1).state_dict()  # every step: nothing to keep
     old = {k: v for k, v in model.state_dict().items() if k not in ("desc_stale", "desc_step")}
-    fresh = make_model(desc_refresh=3)
+    fresh = make_model(desc_encoder="shared", desc_refresh=3)
     fresh.load_state_dict(old)  # a checkpoint from before the switch still loads
     assert int(fresh.desc_step) == 0
 

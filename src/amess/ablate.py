@@ -58,7 +58,7 @@ class Ablation:
 
 
 ABLATIONS: list[Ablation] = [
-    # The default: topk anchors, k=4, triplet SS, text view, shared description encoder,
+    # The default: topk anchors, k=4, triplet SS, text view, momentum description encoder,
     # text + video + audio (AmessConfig and DataConfig defaults).
     Ablation(DEFAULT_ROW, "base"),
     # A-ME 3: anchor selection.
@@ -74,7 +74,7 @@ ABLATIONS: list[Ablation] = [
     Ablation("no text view", "view", {"amess.text_view": False}),
     # SS 2: the description encoder.
     Ablation("frozen descriptions", "desc", {"amess.desc_encoder": "frozen"}),
-    # The reverse, for a base run with `--set amess.desc_encoder=frozen` (cheaper on a CPU).
+    # The others, for a base run with `--set amess.desc_encoder=frozen` (cheaper on a CPU) or shared.
     Ablation("shared descriptions", "desc", {"amess.desc_encoder": "shared"}),
     Ablation("momentum descriptions", "desc", {"amess.desc_encoder": "momentum"}),
     # Modality drop.
