@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow bench install tools clean
+.PHONY: demo test test-slow bench bench-baselines install tools clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,13 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py
+
+# Every baseline beside `text` and `amess` on the synthetic multimodal data, 2 threads, batch 16
+# (the setting of the official-code comparison, benchmarks/official/), then their peak memory at
+# MIntRec size. Long: MulT and MISA train at 2-4 samples/s on 2 cores.
+bench-baselines: $(STAMP)
+	$(BIN)/python benchmarks/bench.py --methods text,mag_bert,mult,misa,tcl_map,sdif_da,amess \
+		--reps 2 --steps 5 --skip-mintrec2
 
 clean:
 	rm -rf demo_runs .pytest_cache
