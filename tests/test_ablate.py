@@ -22,7 +22,7 @@ def _base(synth_dir, enc) -> Config:
 def test_rows_cover_every_switch_of_the_spec():
     rows = {a.name: a for a in ablate.ABLATIONS}
     assert list(rows)[0] == ablate.DEFAULT_ROW and rows[ablate.DEFAULT_ROW].overrides == {}
-    assert len(rows) == len(ablate.ABLATIONS) == 16 and {a.group for a in ablate.ABLATIONS} == set(ablate.GROUPS)
+    assert len(rows) == len(ablate.ABLATIONS) == 18 and {a.group for a in ablate.ABLATIONS} == set(ablate.GROUPS)
     values = lambda key: [a.overrides[key] for a in ablate.ABLATIONS if key in a.overrides]  # noqa: E731
     assert set(values("amess.anchor_mode")) == {"none", "learned", "all"}
     assert sorted(values("amess.num_anchors")) == [1, 8]
@@ -37,7 +37,7 @@ def test_rows_cover_every_switch_of_the_spec():
             d.amess.desc_encoder, d.data.modalities) == ("amess", "topk", 4, "triplet", True, "momentum",
                                                          ["text", "video", "audio"])
     assert ablate.resolve(Config(), rows["text baseline"]).model.method == "text"
-    assert len({a.slug for a in ablate.ABLATIONS}) == 16
+    assert len({a.slug for a in ablate.ABLATIONS}) == 18
 
 
 def test_row_selection_by_group_and_name():

@@ -346,6 +346,24 @@ def test_predict_scores_are_probabilities(inference):
     assert torch.allclose(scores.sum(-1), torch.ones(4), atol=1e-6)
 
 
+def test_auto_inference_is_both_with_an_ss_loss_and_head_without():
+    batch = make_batch()
+    model = make_model()
+    model.eval()
+    out = model(batch)
+    head = out.logits.softmax(-1)
+    sim = (out.extras["desc_sims"] * model.logit_scale()).softmax(-1)
+    assert model.cfg.inference == "auto" and model.cfg.inference_mode == "both"
+    assert torch.allclose(model.predict_scores(out), 0.5 * (head + sim), atol=1e-6)
+    assert torch.allclose(model.decision_logits(out).exp(), 0.5 * (head + sim), atol=1e-5)
+    assert not torch.allclose(head, sim, atol=1e-3)  # the two halves differ, so the mix is tested
+    off = make_model(ss_loss="none").eval()
+    out = off(batch)
+    assert off.cfg.inference_mode == "head" and torch.equal(off.decision_logits(out), out.logits)
+    with pytest.raises(ValueError, match="inference='both'"):
+        make_config(ss_loss="none", inference="both")
+
+
 def test_switches_change_what_is_computed():
     batch = make_batch()
     assert "z_t" not in make_model(text_view=False)(batch).extras
@@ -354,7 +372,9 @@ def test_switches_change_what_is_computed():
     assert model.eval()(batch).extras["desc_sims"].shape == (4, C)  # evaluation: for OOD detectors
     fixed = make_model(learn_tau=False, tau=0.05)
     assert fixed.logit_scale().item() == pytest.approx(20.0) and not fixed.log_scale.requires_grad
-    assert make_model().log_scale.requires_grad and not make_model(ss_loss="margin").log_scale.requires_grad
+    assert fixed.cfg == make_model().cfg  # the default since 2026-12-05: a fixed tau of 0.05
+    learned = make_model(learn_tau=True, tau=0.1)
+    assert learned.log_scale.requires_grad and not make_model(ss_loss="margin", learn_tau=True).log_scale.requires_grad
     plain = make_model(ss_loss="none", descriptions=False).eval()
     assert "desc_sims" not in plain(batch).extras
 
@@ -681,7 +701,7 @@ def test_tau_schedule_anneals_a_fixed_temperature_and_is_resumable():
     fresh.load_state_dict(model.state_dict())
     assert int(fresh.tau_step) == 6 and float(fresh.logit_scale()) == pytest.approx(10.0)
     assert "tau_step" not in make_model().state_dict()
-    for bad in ({"tau_end": 0.1}, {"tau_end": 0.1, "learn_tau": False, "ss_loss": "margin"},
+    for bad in ({"tau_end": 0.1, "learn_tau": True}, {"tau_end": 0.1, "learn_tau": False, "ss_loss": "margin"},
                 {"tau_end": 0.0, "learn_tau": False}, {"tau_end": 0.1, "learn_tau": False, "tau_steps": 0}):
         with pytest.raises(ValueError, match="tau_"):
             AmessConfig(**bad)
