@@ -355,7 +355,12 @@ def test_auto_inference_is_both_with_an_ss_loss_and_head_without():
     sim = (out.extras["desc_sims"] * model.logit_scale()).softmax(-1)
     assert model.cfg.inference == "auto" and model.cfg.inference_mode == "both"
     assert torch.allclose(model.predict_scores(out), 0.5 * (head + sim), atol=1e-6)
-    assert torch.allclose(model.decision_logits(out).exp(), 0.5 * (head + sim), atol=1e-5)
+    logits = model.decision_logits(out)
+    assert torch.allclose(logits.softmax(-1), 0.5 * (head + sim), atol=1e-5)
+    # the energy detector reads logsumexp(decision_logits): the mean of the two views' energies,
+    # not the constant 0 that the plain log of the averaged probabilities gives every row
+    energy = 0.5 * (out.logits.logsumexp(-1) + (out.extras["desc_sims"] * model.logit_scale()).logsumexp(-1))
+    assert torch.allclose(logits.logsumexp(-1), energy, atol=1e-4) and energy.std() > 1e-3
     assert not torch.allclose(head, sim, atol=1e-3)  # the two halves differ, so the mix is tested
     off = make_model(ss_loss="none").eval()
     out = off(batch)

@@ -807,14 +807,23 @@ class AMESS(IntentModel):
 
     def decision_logits(self, out: IntentOutput) -> torch.Tensor:
         """SS 6: the logits whose softmax is `predict_scores` (what out-of-scope detectors read):
-        the head's, the scaled similarities, or the log of the averaged probabilities."""
+        the head's, the scaled similarities, or, for `both`, the log of the averaged probabilities
+        shifted per row by the mean of the two views' log-sum-exps.
+
+        The shift leaves the softmax (the prediction) unchanged, but keeps the logits' scale: the
+        plain log of a probability vector has a log-sum-exp of 0 for every row, so the energy
+        detector would score every utterance alike. With the shift the energy of `both` is the
+        mean of the head's and the similarities' energies, and MaxLogit reads a logit-sized value.
+        """
         mode = self.cfg.inference_mode
         if mode == "head":
             return out.logits
         sims = out.extras["desc_sims"].float() * self.logit_scale()
         if mode == "similarity":
             return sims
-        return self.predict_scores(out).clamp_min(1e-12).log()
+        head = out.logits.float()
+        shift = 0.5 * (head.logsumexp(dim=-1, keepdim=True) + sims.logsumexp(dim=-1, keepdim=True))
+        return self.predict_scores(out).clamp_min(1e-12).log() + shift
 
     def token_highlights(self, out: IntentOutput) -> torch.Tensor | None:
         """The anchor words (A-ME 3); learned anchors are not words of the input: None."""
