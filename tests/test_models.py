@@ -375,9 +375,10 @@ def test_switches_change_what_is_computed():
     model = make_model(ss_loss="none")
     assert model.proj_utt is None and "desc_sims" not in model(batch).extras  # training: unused
     assert model.eval()(batch).extras["desc_sims"].shape == (4, C)  # evaluation: for OOD detectors
-    fixed = make_model(learn_tau=False, tau=0.05)
-    assert fixed.logit_scale().item() == pytest.approx(20.0) and not fixed.log_scale.requires_grad
-    assert fixed.cfg == make_model().cfg  # the default since 2026-12-05: a fixed tau of 0.05
+    fixed = make_model(learn_tau=False, tau=0.07)
+    assert fixed.logit_scale().item() == pytest.approx(1 / 0.07) and not fixed.log_scale.requires_grad
+    assert fixed.cfg == make_model().cfg  # the default since 2026-12-07: a fixed tau of 0.07
+    assert make_model(learn_tau=False, tau=0.05).logit_scale().item() == pytest.approx(20.0)
     learned = make_model(learn_tau=True, tau=0.1)
     assert learned.log_scale.requires_grad and not make_model(ss_loss="margin", learn_tau=True).log_scale.requires_grad
     plain = make_model(ss_loss="none", descriptions=False).eval()

@@ -58,7 +58,7 @@ class Ablation:
 
 
 ABLATIONS: list[Ablation] = [
-    # The default: topk anchors, k=4, triplet SS (tau 0.05, scored by head + similarity), text
+    # The default: topk anchors, k=4, triplet SS (fixed tau 0.07, scored by head + similarity), text
     # view, momentum description encoder,
     # text + video + audio (AmessConfig and DataConfig defaults).
     Ablation(DEFAULT_ROW, "base"),
@@ -71,7 +71,7 @@ ABLATIONS: list[Ablation] = [
     # SS 4: the loss.
     Ablation("SS off", "ss", {"amess.ss_loss": "none"}),
     Ablation("SS margin", "ss", {"amess.ss_loss": "margin"}),
-    # SS 4 and 6: the temperature (learned from 0.1 before 2026-12-05) and scoring by the head alone.
+    # SS 4 and 6: the temperature (learned from 0.1 before 2026-12-07) and scoring by the head alone.
     Ablation("SS learned tau", "ss", {"amess.learn_tau": True, "amess.tau": 0.1}),
     Ablation("SS head inference", "ss", {"amess.inference": "head"}),
     # SS 3-4: the text-only view z_t.
