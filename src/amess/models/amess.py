@@ -808,8 +808,12 @@ class AMESS(IntentModel):
         mode = self.cfg.inference_mode
         if mode == "head":
             return head
-        sim = (out.extras["desc_sims"].float() * self.logit_scale()).softmax(dim=-1)
+        sim = self._scaled_sims(out).softmax(dim=-1)
         return sim if mode == "similarity" else 0.5 * (head + sim)
+
+    def _scaled_sims(self, out: IntentOutput) -> torch.Tensor:
+        """(b, C) cosine similarities to the descriptions times 1/tau: the similarity view's logits."""
+        return out.extras["desc_sims"].float() * self.logit_scale()
 
     def decision_logits(self, out: IntentOutput) -> torch.Tensor:
         """SS 6: the logits whose softmax is `predict_scores` (what out-of-scope detectors read):
@@ -824,12 +828,13 @@ class AMESS(IntentModel):
         mode = self.cfg.inference_mode
         if mode == "head":
             return out.logits
-        sims = out.extras["desc_sims"].float() * self.logit_scale()
+        sims = self._scaled_sims(out)
         if mode == "similarity":
             return sims
+        # log(0.5 * (softmax(head) + softmax(sims))) in log space, then the shift
         head = out.logits.float()
-        shift = 0.5 * (head.logsumexp(dim=-1, keepdim=True) + sims.logsumexp(dim=-1, keepdim=True))
-        return self.predict_scores(out).clamp_min(1e-12).log() + shift
+        lse_h, lse_s = head.logsumexp(dim=-1, keepdim=True), sims.logsumexp(dim=-1, keepdim=True)
+        return torch.logaddexp(head - lse_h, sims - lse_s) - math.log(2.0) + 0.5 * (lse_h + lse_s)
 
     def token_highlights(self, out: IntentOutput) -> torch.Tensor | None:
         """The anchor words (A-ME 3); learned anchors are not words of the input: None."""
