@@ -54,6 +54,20 @@ def test_detectors_reported_per_detector_in_summary(tmp_path, synth2_dir, tiny_e
     again = json.loads((out / "summary.json").read_text())["test"]["ood"]
     for det in ("msp", "mahalanobis", "doc"):
         assert again[det]["auroc"]["mean"] == pytest.approx(test["ood"][det]["auroc"]["mean"], abs=1e-6)
+    # under `--set` the detectors are fitted anew from the overridden scores, as training fits them:
+    # the trained setting (auto = both) reproduces every stored figure, the head's logits change them
+    from amess.evaluate import evaluate_run
+
+    same = evaluate_run(out, "test", {"amess.inference": "both"})["per_seed"]
+    head = evaluate_run(out, "test", {"amess.inference": "head"})["per_seed"]
+    for seed in (0, 1):
+        stored = json.loads((out / f"seed_{seed}" / "metrics.json").read_text())["metrics"]["test"]["ood"]
+        assert set(same[seed]["test"]["ood"]) == set(stored) == set(head[seed]["test"]["ood"])
+        for det in stored:
+            for k in OOD_KEYS + ("threshold",):
+                assert same[seed]["test"]["ood"][det][k] == pytest.approx(stored[det][k], abs=1e-6), (seed, det, k)
+        assert head[seed]["test"]["ood"]["energy"]["auroc"] != pytest.approx(stored["energy"]["auroc"], abs=1e-6)
+        assert head[seed]["test"]["ood"]["desc_sim"]["auroc"] == pytest.approx(stored["desc_sim"]["auroc"], abs=1e-6)
 
 
 def test_outlier_exposure_keeps_oos_training_rows(tmp_path, synth2_dir, tiny_encoder_dir):

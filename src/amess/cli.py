@@ -301,13 +301,17 @@ def _read_predict_tsv(path: Path) -> tuple[list[str], list[str]]:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from amess.config import parse_overrides
     from amess.evaluate import evaluate_run
-    from amess.training import format_table
+    from amess.training import format_ood_table, format_table
 
     overrides = parse_overrides(args.set)
     summary = evaluate_run(Path(args.run_dir), args.split, overrides)
     with_set = f", with {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else ""
     print(f"\n{args.run_dir} on {args.split}{with_set} (mean ± std over seeds, %)")
     print(format_table({Path(args.run_dir).name: summary}, args.split))
+    ood = format_ood_table(summary, args.split)
+    if ood:
+        print(f"\nout-of-scope detection on {args.split}{' (detectors refitted with the settings above)' if overrides else ''}")
+        print(ood)
     print("acc per seed: " + ", ".join(f"{s} {100 * m[args.split]['acc']:.2f}" for s, m in summary["per_seed"].items()))
     return 0
 
@@ -414,7 +418,8 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test")
     e.add_argument("--set", action="append", default=None, metavar="SECTION.KEY=VALUE",
                    help="score the same checkpoints with an inference-time setting switched "
-                        "(amess.inference=similarity); the run folder is left as it is")
+                        "(amess.inference=similarity); the out-of-scope detectors are refitted on the "
+                        "seed's train rows and early-stopping split with it; the run folder is left as it is")
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="ranked intents (and out-of-scope verdicts) from a trained run")

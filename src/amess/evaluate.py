@@ -3,9 +3,11 @@
 are the ones fitted at training time), scored on the split, and the split's figures are
 merged into `summary.json`. With `overrides` (`amess evaluate --set amess.inference=both`:
 inference-time settings only, see `Predictor`) the same checkpoints are scored with those
-settings (no out-of-scope figures: the detectors were fitted on the trained scores) and
-nothing is written: the run folder keeps the figures of the settings it was
-trained and chosen with. Exactly the run's seeds are used; a missing one is an error
+settings and nothing is written: the run folder keeps the figures of the settings it was
+trained and chosen with. The out-of-scope detectors read the scores, so under overrides they are
+fitted anew as training fits them (`fit_detectors`: the seed's train rows, thresholds on its
+early-stopping split, rebuilt from the config and seed), from the overridden scores: `--set
+amess.inference=head` shows what a detector would have done with the head's logits. Exactly the run's seeds are used; a missing one is an error
 that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
 intents (`model_spec.json`) decide which rows are out-of-scope for it."""
 
@@ -17,9 +19,9 @@ from pathlib import Path
 
 from amess.config import Config
 from amess.training.artifacts import summarise, write_json
-from amess.training.data import make_loader, read_modalities, remap_to_known
+from amess.training.data import make_loader, prepare_data, read_modalities, remap_to_known
 from amess.training.distributed import make_accelerator, prepare_model
-from amess.training.evaluation import predict, score_detector, split_metrics
+from amess.training.evaluation import fit_detectors, predict, score_detector, split_metrics
 from amess.training.runner import seed_finished
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ def evaluate_run(run_dir: Path, split: str, overrides: dict[str, str] | None = N
         model, loader = prepare_model(p.model, accelerator), accelerator.prepare(loader)
         res = predict(model, loader, accelerator, split)
         m = split_metrics(res, len(p.label_names), p.label_names, p.config.data.holdout_labels)
-        for name, fd in p.detectors.items():
+        detectors = _refit_detectors(p, model, accelerator, seed) if overrides and p.spec.get("ood") else p.detectors
+        for name, fd in detectors.items():
             m.setdefault("ood", {})[name] = score_detector(fd, res)[0]
         per_seed[seed] = {split: m}
         if accelerator.is_main_process and not overrides:
@@ -77,3 +80,16 @@ def evaluate_run(run_dir: Path, split: str, overrides: dict[str, str] | None = N
         old[split] = summary[split]
         write_json(path, old)
     return {**summary, "per_seed": per_seed}
+
+
+def _refit_detectors(p, model, accelerator, seed: int) -> dict:
+    """The run's detectors fitted again on this seed's train rows and early-stopping split (the
+    same rows as in training: `prepare_data` is a function of the config and the seed), scored
+    with `p`'s overridden settings."""
+    data = prepare_data(p.config, seed)
+    res = {}
+    for name, split in (("train", data.train), (data.dev_key, data.dev)):
+        loader = accelerator.prepare(make_loader(split, p.config, p.collator, shuffle=False, seed=seed,
+                                                 batch_size=p.config.train.eval_batch_size, device=accelerator.device))
+        res[name] = predict(model, loader, accelerator, name)
+    return fit_detectors(p.config, res["train"], res[data.dev_key])
