@@ -362,6 +362,18 @@ def test_auto_inference_is_both_with_an_ss_loss_and_head_without():
     energy = 0.5 * (out.logits.logsumexp(-1) + (out.extras["desc_sims"] * model.logit_scale()).logsumexp(-1))
     assert torch.allclose(logits.logsumexp(-1), energy, atol=1e-4) and energy.std() > 1e-3
     assert not torch.allclose(head, sim, atol=1e-3)  # the two halves differ, so the mix is tested
+    # both_weight moves the mix from the head (0) to the similarities (1), scores and logits alike
+    for w in (0.0, 0.3, 1.0):
+        model.cfg.both_weight = w
+        mix = (1 - w) * head + w * sim
+        assert torch.allclose(model.predict_scores(out), mix, atol=1e-6)
+        assert torch.allclose(model.decision_logits(out).softmax(-1), mix, atol=1e-5), w
+    assert torch.allclose(model.decision_logits(out), out.extras["desc_sims"] * model.logit_scale())  # w = 1
+    model.cfg.both_weight = 0.0
+    assert torch.equal(model.decision_logits(out), out.logits)
+    model.cfg.both_weight = 0.5
+    with pytest.raises(ValueError, match="both_weight"):
+        make_config(both_weight=1.5)
     off = make_model(ss_loss="none").eval()
     out = off(batch)
     assert off.cfg.inference_mode == "head" and torch.equal(off.decision_logits(out), out.logits)

@@ -150,6 +150,12 @@ class AmessSettings:
     default tau, `both` beat `head` on the same checkpoints by +0.99 points on the MIntRec text and
     +1.57 on MIntRec2.0 (5 seeds; README). Out-of-scope detectors read the same scores
     (`decision_logits`)."""
+    both_weight: float = 0.5
+    """With `inference=both`: the weight of the similarity view, scores = (1 - w) * head + w *
+    similarity (0.5: the plain average). An inference-time setting (`amess evaluate RUN --set
+    amess.both_weight=0.7`). 0.5 since it was added (2026-12-07): on the held-back slices of the
+    default's 5-seed runs the best weight was 0.5 on MIntRec and 0.9 on MIntRec2.0 (README), so no
+    one other value is better on both."""
     margin: float = 0.2
     """Cosine margin of the `margin` SS loss."""
     desc_text: str = "description"
@@ -210,6 +216,8 @@ class AmessSettings:
             raise ValueError(f"amess.desc_max_len must be >= 3, got {self.desc_max_len}")
         if self.ss_loss == "margin" and not 0 < self.margin <= 2:
             raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
+        if not 0.0 <= self.both_weight <= 1.0:
+            raise ValueError(f"amess.both_weight must lie in [0, 1] (the similarity view's share), got {self.both_weight}")
         if self.ss_warmup < 0:
             raise ValueError(f"amess.ss_warmup must be >= 0 (steps), got {self.ss_warmup}")
         if self.head_init == "descriptions" and self.ss_loss == "none":
@@ -402,7 +410,7 @@ class AMESS(IntentModel):
 
     Settings = AmessSettings
     uses_descriptions = True
-    inference_settings = ("inference",)
+    inference_settings = ("inference", "both_weight")
 
     def __init__(self, *, config: Config, settings: AmessSettings, encoder: TextEncoder, num_labels: int,
                  video_dim: int | None = None, audio_dim: int | None = None,
@@ -809,7 +817,8 @@ class AMESS(IntentModel):
         if mode == "head":
             return head
         sim = self._scaled_sims(out).softmax(dim=-1)
-        return sim if mode == "similarity" else 0.5 * (head + sim)
+        w = self.cfg.both_weight
+        return sim if mode == "similarity" else (1.0 - w) * head + w * sim
 
     def _scaled_sims(self, out: IntentOutput) -> torch.Tensor:
         """(b, C) cosine similarities to the descriptions times 1/tau: the similarity view's logits."""
@@ -817,13 +826,13 @@ class AMESS(IntentModel):
 
     def decision_logits(self, out: IntentOutput) -> torch.Tensor:
         """SS 6: the logits whose softmax is `predict_scores` (what out-of-scope detectors read):
-        the head's, the scaled similarities, or, for `both`, the log of the averaged probabilities
-        shifted per row by the mean of the two views' log-sum-exps.
+        the head's, the scaled similarities, or, for `both`, the log of the mixed probabilities
+        (`both_weight`) shifted per row by the two views' log-sum-exps, weighted alike.
 
         The shift leaves the softmax (the prediction) unchanged, but keeps the logits' scale: the
         plain log of a probability vector has a log-sum-exp of 0 for every row, so the energy
         detector would score every utterance alike. With the shift the energy of `both` is the
-        mean of the head's and the similarities' energies, and MaxLogit reads a logit-sized value.
+        weighted mean of the head's and the similarities' energies, and MaxLogit reads a logit-sized value.
         """
         mode = self.cfg.inference_mode
         if mode == "head":
@@ -831,10 +840,14 @@ class AMESS(IntentModel):
         sims = self._scaled_sims(out)
         if mode == "similarity":
             return sims
-        # log(0.5 * (softmax(head) + softmax(sims))) in log space, then the shift
-        head = out.logits.float()
+        head, w = out.logits.float(), self.cfg.both_weight
+        if w in (0.0, 1.0):  # one view only: its own logits
+            return sims if w == 1.0 else head
+        # log((1 - w) * softmax(head) + w * softmax(sims)) in log space, then the shift: the
+        # views' log-sum-exps weighted alike
         lse_h, lse_s = head.logsumexp(dim=-1, keepdim=True), sims.logsumexp(dim=-1, keepdim=True)
-        return torch.logaddexp(head - lse_h, sims - lse_s) - math.log(2.0) + 0.5 * (lse_h + lse_s)
+        mixed = torch.logaddexp(head - lse_h + math.log1p(-w), sims - lse_s + math.log(w))
+        return mixed + (1.0 - w) * lse_h + w * lse_s
 
     def token_highlights(self, out: IntentOutput) -> torch.Tensor | None:
         """The anchor words (A-ME 3); learned anchors are not words of the input: None."""
