@@ -149,7 +149,9 @@ class AmessSettings:
     `head`): `both` when an SS loss trains the shared space, `head` with `ss_loss=none`. With the
     default tau, `both` beat `head` on the same checkpoints by +0.99 points on the MIntRec text and
     +1.57 on MIntRec2.0 (5 seeds; README). Out-of-scope detectors read the same scores
-    (`decision_logits`)."""
+    (`decision_logits`); on MIntRec with 5 of 20 intents unknown, `both` against `head` on the
+    same checkpoints: AUROC within noise for MSP, MaxLogit and energy, -2.9 for DOC, open-intent
+    F1 +2.4 to +4.3 with every detector (5 seeds; README)."""
     both_weight: float = 0.5
     """With `inference=both`: the weight of the similarity view, scores = (1 - w) * head + w *
     similarity (0.5: the plain average). An inference-time setting (`amess evaluate RUN --set
