@@ -4,11 +4,11 @@ are the ones fitted at training time), scored on the split, and the split's figu
 merged into `summary.json`. With `overrides` (`amess evaluate --set amess.inference=both`:
 inference-time settings only, see `Predictor`) the same checkpoints are scored with those
 settings and nothing is written: the run folder keeps the figures of the settings it was
-trained and chosen with. The out-of-scope detectors read the scores, so under overrides they are
-fitted anew as training fits them (`fit_detectors`: the seed's train rows, thresholds on its
-early-stopping split, rebuilt from the config and seed), from the overridden scores: `--set
-amess.inference=head` shows what a detector would have done with the head's logits. Exactly the run's seeds are used; a missing one is an error
-that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
+trained and chosen with. The out-of-scope detectors read the scores, so under overrides they
+are fitted anew as training fits them (`fit_detectors`: the seed's train rows, thresholds on
+its early-stopping split, both rebuilt from the config and the seed) from the overridden
+scores: `--set amess.inference=head` shows what each detector would have done with the head's
+logits. Exactly the run's seeds are used; a missing one is an error that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
 intents (`model_spec.json`) decide which rows are out-of-scope for it."""
 
 from __future__ import annotations
