@@ -179,6 +179,10 @@ def test_evaluate_set_switches_inference_on_the_same_checkpoints_and_writes_noth
     assert both["per_seed"][0]["test"]["acc"] == pytest.approx(stored, abs=1e-9)  # the trained setting: same figures
     sim = evaluate_run(out, "test", {"amess.inference": "similarity"})
     assert set(sim["per_seed"]) == {0}
+    # both_weight 1 is the similarity view alone, 0 the head alone
+    assert evaluate_run(out, "test", {"amess.both_weight": "1.0"})["per_seed"][0]["test"] == sim["per_seed"][0]["test"]
+    head = evaluate_run(out, "test", {"amess.inference": "head"})["per_seed"][0]["test"]
+    assert evaluate_run(out, "test", {"amess.both_weight": "0"})["per_seed"][0]["test"] == head
     assert contents() == files  # nothing written or overwritten
     texts = ["can you help me with this", "i am so sorry about that"]
     p_head, p_sim = (Predictor(out / "seed_0", {"amess.inference": m}) for m in ("head", "similarity"))
@@ -186,7 +190,7 @@ def test_evaluate_set_switches_inference_on_the_same_checkpoints_and_writes_noth
     assert Predictor(out / "seed_0").model.cfg.inference_mode == "both"  # the trained `auto`
     r_head, r_sim = p_head.predict(texts), p_sim.predict(texts)
     assert any(a.ranked != b.ranked for a, b in zip(r_head, r_sim))  # the switch reached the model
-    with pytest.raises(ValueError, match=r"amess.tau would change the trained 'amess' model.*\['amess.inference'\]"):
+    with pytest.raises(ValueError, match=r"amess.tau would change the trained 'amess' model.*\['amess.inference', 'amess.both_weight'\]"):
         Predictor(out / "seed_0", {"amess.tau": "0.1"})
     assert main(["evaluate", str(out), "--split", "test", "--set", "train.lr=1.0"]) == 2
     assert "train.lr would change the trained 'amess' model" in caplog.text
