@@ -8,8 +8,9 @@ trained and chosen with. The out-of-scope detectors read the scores, so under ov
 are fitted anew as training fits them (`fit_detectors`: the seed's train rows, thresholds on
 its early-stopping split, both rebuilt from the config and the seed) from the overridden
 scores: `--set amess.inference=head` shows what each detector would have done with the head's
-logits. Exactly the run's seeds are used; a missing one is an error that names it. Under the open-intent protocol (`data.known_ratio`) each seed's own known
-intents (`model_spec.json`) decide which rows are out-of-scope for it."""
+logits. Exactly the run's seeds are used; a missing one is an error that names it. Under the
+open-intent protocol (`data.known_ratio`) each seed's own known intents (`model_spec.json`)
+decide which rows are out-of-scope for it."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ from pathlib import Path
 
 from amess.config import Config
 from amess.training.artifacts import summarise, write_json
-from amess.training.data import make_loader, prepare_data, read_modalities, remap_to_known
+from amess.training.data import prepare_data, read_modalities, remap_to_known
 from amess.training.distributed import make_accelerator, prepare_model
-from amess.training.evaluation import fit_detectors, predict, score_detector, split_metrics
+from amess.training.evaluation import fit_detectors, predict_split, score_detector, split_metrics
 from amess.training.runner import seed_finished
 
 log = logging.getLogger(__name__)
@@ -59,10 +60,8 @@ def evaluate_run(run_dir: Path, split: str, overrides: dict[str, str] | None = N
         split_data = target
         if p.spec.get("known_labels") is not None:  # open intent: this seed's unknown intents are out-of-scope
             split_data = remap_to_known(target, reader.label_names, p.spec["known_labels"], drop_unknown=False)
-        loader = make_loader(split_data, p.config, p.collator, shuffle=False, seed=seed,
-                             batch_size=p.config.train.eval_batch_size, device=accelerator.device)
-        model, loader = prepare_model(p.model, accelerator), accelerator.prepare(loader)
-        res = predict(model, loader, accelerator, split)
+        model = prepare_model(p.model, accelerator)
+        res = predict_split(model, split_data, split, p.config, p.collator, accelerator, seed)
         m = split_metrics(res, len(p.label_names), p.label_names, p.config.data.holdout_labels)
         detectors = _refit_detectors(p, model, accelerator, seed) if overrides and p.spec.get("ood") else p.detectors
         for name, fd in detectors.items():
@@ -87,9 +86,6 @@ def _refit_detectors(p, model, accelerator, seed: int) -> dict:
     same rows as in training: `prepare_data` is a function of the config and the seed), scored
     with `p`'s overridden settings."""
     data = prepare_data(p.config, seed)
-    res = {}
-    for name, split in (("train", data.train), (data.dev_key, data.dev)):
-        loader = accelerator.prepare(make_loader(split, p.config, p.collator, shuffle=False, seed=seed,
-                                                 batch_size=p.config.train.eval_batch_size, device=accelerator.device))
-        res[name] = predict(model, loader, accelerator, name)
-    return fit_detectors(p.config, res["train"], res[data.dev_key])
+    train, dev = (predict_split(model, split, name, p.config, p.collator, accelerator, seed)
+                  for name, split in (("train", data.train), (data.dev_key, data.dev)))
+    return fit_detectors(p.config, train, dev)

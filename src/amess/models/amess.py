@@ -814,24 +814,16 @@ class AMESS(IntentModel):
         parts.update(ss=float(ss.detach()), scale=float(scale.detach()))
         return ce + weight * ss, parts
 
-    def predict_scores(self, out: IntentOutput) -> torch.Tensor:
-        """SS 6: (b, C) probabilities from the head, the descriptions, or their average."""
-        head = out.logits.float().softmax(dim=-1)
-        mode = self.cfg.inference_mode
-        if mode == "head":
-            return head
-        sim = self._scaled_sims(out).softmax(dim=-1)
-        w = self.cfg.both_weight
-        return sim if mode == "similarity" else (1.0 - w) * head + w * sim
-
     def _scaled_sims(self, out: IntentOutput) -> torch.Tensor:
         """(b, C) cosine similarities to the descriptions times 1/tau: the similarity view's logits."""
         return out.extras["desc_sims"].float() * self.logit_scale()
 
     def decision_logits(self, out: IntentOutput) -> torch.Tensor:
-        """SS 6: the logits whose softmax is `predict_scores` (what out-of-scope detectors read):
-        the head's, the scaled similarities, or, for `both`, the log of the mixed probabilities
-        (`both_weight`) shifted per row by the two views' log-sum-exps, weighted alike.
+        """SS 6: the logits whose softmax is the scores (`predict_scores`, the base class's) and
+        what out-of-scope detectors read: the head's (`head`), the scaled similarities
+        (`similarity`), or, for `both`, the log of the mixed probabilities (1 - w) * softmax(head)
+        + w * softmax(similarities), w = `both_weight`, shifted per row by the two views'
+        log-sum-exps, weighted alike.
 
         The shift leaves the softmax (the prediction) unchanged, but keeps the logits' scale: the
         plain log of a probability vector has a log-sum-exp of 0 for every row, so the energy

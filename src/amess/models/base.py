@@ -124,8 +124,9 @@ class IntentModel(nn.Module):
         return ce, {"ce": float(ce.detach())}
 
     def predict_scores(self, out: IntentOutput) -> torch.Tensor:
-        """`(b, C)` class probabilities whose argmax is the prediction. Default: softmax of the logits."""
-        return out.logits.float().softmax(-1)
+        """`(b, C)` class probabilities whose argmax is the prediction: the softmax of
+        `decision_logits` (by default the head's logits), so the two never disagree."""
+        return self.decision_logits(out).float().softmax(-1)
 
     def decision_logits(self, out: IntentOutput) -> torch.Tensor:
         """`(b, C)` logits whose softmax is `predict_scores`: what out-of-scope detectors

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from amess.config import Config
 from amess.metrics import classification_metrics
+from amess.training.data import make_loader
 from amess.training.distributed import gather_ids
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,13 @@ def predict(model, loader: DataLoader, accelerator, split: str) -> EvalResult:
                       logits=logits_np, pooled=cat(pooled),
                       extras={k: _cat_ragged(v) for k, v in extras.items()}, shared=shared,
                       decision_logits=None if np.array_equal(decision_np, logits_np) else decision_np)
+
+
+def predict_split(model, split, name: str, cfg: Config, collator, accelerator, seed: int) -> EvalResult:
+    """`predict` over one split in evaluation order (no shuffling, `train.eval_batch_size`)."""
+    loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
+                                             batch_size=cfg.train.eval_batch_size, device=accelerator.device))
+    return predict(model, loader, accelerator, name)
 
 
 def _cat_ragged(xs: list[np.ndarray]) -> np.ndarray:

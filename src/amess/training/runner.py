@@ -27,10 +27,10 @@ import torch
 
 from amess.config import Config
 from amess.training.artifacts import summarise, write_json, write_predictions, write_seed_plots
-from amess.training.data import (PreparedData, load_descriptions_for, make_collator, make_loader, prepare_data,
+from amess.training.data import (PreparedData, load_descriptions_for, make_collator, prepare_data,
                                  text_max_len)
 from amess.training.distributed import make_accelerator
-from amess.training.evaluation import EvalResult, evaluate_ood, predict, split_metrics
+from amess.training.evaluation import EvalResult, evaluate_ood, predict_split, split_metrics
 from amess.training.loop import CHECKPOINT_FILE, STATE_FILE, TrainingError, check_parameters, fit
 from amess.training.memory import set_mmap_threshold
 from amess.training.spec import ENCODER_DIR, SPEC_FILE, build_spec
@@ -264,10 +264,8 @@ def train_seed(cfg: Config, seed: int, seed_dir: Path, accelerator=None) -> dict
     results: dict[str, EvalResult] = {}
     infer_rows, infer_seconds = 0, 0.0
     for name, split in [("train", data.train), (data.dev_key, data.dev)] + list(data.tests.items()):
-        loader = accelerator.prepare(make_loader(split, cfg, collator, shuffle=False, seed=seed,
-                                                 batch_size=cfg.train.eval_batch_size, device=accelerator.device))
         t = time.perf_counter()
-        results[name] = predict(model, loader, accelerator, name)
+        results[name] = predict_split(model, split, name, cfg, collator, accelerator, seed)
         if name != "train":  # evaluation throughput, data loading included
             infer_rows, infer_seconds = infer_rows + len(results[name].ids), infer_seconds + time.perf_counter() - t
     metrics = {name: split_metrics(r, C, data.label_names, cfg.data.holdout_labels)
