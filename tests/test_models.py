@@ -600,6 +600,50 @@ def test_text_view_without_gradient_is_a_forward_pass_only():
         assert seen[-1] is grad  # the text-only pass is the last encoder call
 
 
+def test_text_only_view_gives_text_alone_a_second_view():
+    """`text_only_view`: on text alone z_t is absent by default; `dropout` is the same encoder
+    under another dropout draw (differs from z_m in training, equals it without dropout),
+    `momentum` the momentum copy's encoding (no gradient into it); with streams it is ignored."""
+    batch = make_batch(video=False, audio=False)
+    plain = make_model(video=False, audio=False).train()
+    assert "z_t" not in plain(batch).extras
+    torch.manual_seed(0)
+    drop = make_model(video=False, audio=False, text_only_view="dropout").train()
+
+    def set_dropout(p):  # the tiny test encoder is built without dropout
+        for mod in drop.encoder.model.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = p
+
+    set_dropout(0.1)
+    out = drop(batch)
+    z_m, z_t = out.extras["z_m"], out.extras["z_t"]
+    assert not torch.allclose(z_m, z_t, atol=1e-4)  # another dropout draw
+    assert z_t.requires_grad and drop.encoder.model.embeddings.word_embeddings.weight.grad is None
+    loss, parts = drop.loss(out, batch)
+    loss.backward()  # three triplet terms now, and the encoder learns only through z_m
+    assert parts["ss"] > 0 and drop.encoder.model.embeddings.word_embeddings.weight.grad is not None
+    set_dropout(0.0)  # without dropout the second view is z_m itself
+    out = drop(batch)
+    assert torch.allclose(out.extras["z_m"], out.extras["z_t"], atol=1e-5)
+    mom = make_model(video=False, audio=False, text_only_view="momentum").train()
+    calls = []
+    key_forward = mom.desc_momentum_encoder.forward
+    mom.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or key_forward(*a, **k)
+    out = mom(batch)
+    assert calls[-1] == batch.input_ids.shape and "z_t" in out.extras  # the utterance, by the copy
+    assert not any(p.requires_grad for p in mom.desc_momentum_encoder.parameters())
+    fused = make_model(text_only_view="momentum").train()
+    calls.clear()
+    fused.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or key_forward(*a, **k)
+    fused(make_batch())
+    assert all(c != make_batch().input_ids.shape for c in calls)  # with streams: the spec's text view
+    with pytest.raises(ValueError, match="text_only_view=momentum"):
+        AmessConfig(text_only_view="momentum", desc_encoder="shared")
+    with pytest.raises(ValueError, match="text_only_view"):
+        AmessConfig(text_only_view="other")
+
+
 def test_cost_switches_are_validated():
     with pytest.raises(ValueError, match="desc_refresh"):
         AmessConfig(desc_refresh=0)

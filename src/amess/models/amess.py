@@ -57,6 +57,7 @@ DESC_ENCODERS = ("shared", "frozen", "momentum")
 INFERENCE_MODES = ("auto", "head", "similarity", "both")
 DESC_TEXTS = ("description", "name", "name+description")
 HEAD_INITS = ("random", "descriptions")
+TEXT_ONLY_VIEWS = ("none", "dropout", "momentum")
 
 
 @dataclass
@@ -132,6 +133,14 @@ class AmessSettings:
     MIntRec, is then paid every step). Evaluation always encodes with the current weights.
     Default 8 (was 4): on the real MIntRec text the same accuracy over 5 seeds (-0.09 +- 1.22
     points, paired) at 1.53x the `text` step instead of 2.15x (README, BENCHMARKS.md)."""
+    text_only_view: str = "none"
+    """What z_t is when no non-verbal stream reaches the encoder (text-only runs, anchor mode
+    `none`), where the text-only view would be z_m again: `none` (the default: no z_t, SS is the
+    description term of z_m alone), `dropout` (the same encoder on the same text under another
+    dropout draw, as SimCSE's positive pair, Gao et al. 2021) or `momentum` (the utterance
+    encoded by the momentum description encoder, without dropout: MoCo's key view, He et al.
+    2020; needs `desc_encoder=momentum`). With either, the triplet loss gets its three terms on
+    text alone. Like the text view, it runs without gradients unless `text_view_grad`."""
     text_view_grad: bool = False
     """Back-propagate through the encoder's text-only pass for z_t. False runs that pass
     without gradients (a stop-gradient view: a forward pass instead of a forward and a
@@ -184,7 +193,7 @@ class AmessSettings:
     def __post_init__(self) -> None:
         choices = {"anchor_mode": ANCHOR_MODES, "ss_loss": SS_LOSSES, "desc_encoder": DESC_ENCODERS,
                    "inference": INFERENCE_MODES, "desc_text": DESC_TEXTS, "head_init": HEAD_INITS,
-                   "ss_positives": POSITIVES}
+                   "ss_positives": POSITIVES, "text_only_view": TEXT_ONLY_VIEWS}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"amess.{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
@@ -222,6 +231,9 @@ class AmessSettings:
             raise ValueError(f"amess.margin must lie in (0, 2] (a cosine margin), got {self.margin}")
         if not 0.0 <= self.both_weight <= 1.0:
             raise ValueError(f"amess.both_weight must lie in [0, 1] (the similarity view's share), got {self.both_weight}")
+        if self.text_only_view == "momentum" and self.desc_encoder != "momentum":
+            raise ValueError("amess.text_only_view=momentum encodes the utterance with the momentum "
+                             "description encoder; set amess.desc_encoder=momentum or another text_only_view")
         if self.ss_warmup < 0:
             raise ValueError(f"amess.ss_warmup must be >= 0 (steps), got {self.ss_warmup}")
         if self.head_init == "descriptions" and self.ss_loss == "none":
@@ -457,8 +469,10 @@ class AMESS(IntentModel):
 
         # SS 3: the text-only view differs from z_m only when non-verbal input reaches the
         # encoder; with no stream (text-only runs, anchor mode `none`) it would be z_m again
-        # under other dropout, so it is skipped (its cost is a second encoder pass).
-        self.uses_text_view = cfg.text_view and (self.fusion is not None or cfg.anchor_mode == "learned")
+        # under other dropout, so it is skipped (its cost is a second encoder pass) unless
+        # `text_only_view` asks for a dropout or momentum view in its place.
+        self.fused_view = self.fusion is not None or cfg.anchor_mode == "learned"
+        self.uses_text_view = cfg.text_view and (self.fused_view or cfg.text_only_view != "none")
         self._eval_desc: torch.Tensor | None = None
 
         # SS 2-3: description encoder and the shared space.
@@ -773,10 +787,14 @@ class AMESS(IntentModel):
             if cfg.ss_loss == "triplet" and self.uses_text_view and self.training:
                 # SS 3: the text-only view, the same encoder on the text alone (a training
                 # signal only: skipped at evaluation, where no loss is computed).
-                with torch.set_grad_enabled(cfg.text_view_grad):
-                    text_hidden = self.encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                # On text alone (`text_only_view`): a second dropout draw of the same encoder,
+                # or the momentum copy (eval mode, never trained).
+                view_encoder = (self.desc_momentum_encoder
+                                if not self.fused_view and cfg.text_only_view == "momentum" else self.encoder)
+                with torch.set_grad_enabled(cfg.text_view_grad and view_encoder is self.encoder):
+                    text_hidden = view_encoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                                token_type_ids=batch.token_type_ids)
-                    text_pooled = self.encoder.pool(text_hidden, batch.attention_mask, self.pooling)
+                    text_pooled = view_encoder.pool(text_hidden, batch.attention_mask, self.pooling)
                 extras["z_t"] = self.project(text_pooled)
         return IntentOutput(logits=logits, pooled=pooled, extras=extras, shared=shared)
 
