@@ -629,15 +629,16 @@ def test_text_only_view_gives_text_alone_a_second_view():
     mom = make_model(video=False, audio=False, text_only_view="momentum").train()
     calls = []
     key_forward = mom.desc_momentum_encoder.forward
-    mom.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or key_forward(*a, **k)
+    mom.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"]) or key_forward(*a, **k)
     out = mom(batch)
-    assert calls[-1] == batch.input_ids.shape and "z_t" in out.extras  # the utterance, by the copy
+    assert calls[-1] is batch.input_ids and "z_t" in out.extras  # the utterance, by the copy
     assert not any(p.requires_grad for p in mom.desc_momentum_encoder.parameters())
     fused = make_model(text_only_view="momentum").train()
     calls.clear()
-    fused.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"].shape) or key_forward(*a, **k)
-    fused(make_batch())
-    assert all(c != make_batch().input_ids.shape for c in calls)  # with streams: the spec's text view
+    fused.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"]) or key_forward(*a, **k)
+    fused_batch = make_batch()
+    fused(fused_batch)
+    assert calls and all(c is not fused_batch.input_ids for c in calls)  # with streams: the spec's text view
     with pytest.raises(ValueError, match="text_only_view=momentum"):
         AmessConfig(text_only_view="momentum", desc_encoder="shared")
     with pytest.raises(ValueError, match="text_only_view"):
