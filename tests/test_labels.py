@@ -35,8 +35,9 @@ MINTREC2 = [
     "Emphasize", "Explain", "Flaunt", "Greet", "Inform", "Introduce", "Invite", "Joke", "Leave",
     "Oppose", "Plan", "Praise", "Prevent", "Refuse", "Taunt", "Thank", "Warn",
 ]  # fmt: skip
-SETS = {"mintrec": MINTREC, "mintrec_alt": MINTREC, "mintrec_binary": MINTREC_BINARY, "mintrec2": MINTREC2}
-SEVERAL = {"mintrec_alt": 2}  # sets with several descriptions per label: how many
+SETS = {"mintrec": MINTREC, "mintrec_alt": MINTREC, "mintrec_binary": MINTREC_BINARY, "mintrec2": MINTREC2,
+        "mintrec2_alt": MINTREC2}
+SEVERAL = {"mintrec_alt": 2, "mintrec2_alt": 2}  # sets with several descriptions per label: how many
 
 TEMPLATE = "Describe <<{label}>> among [{labels}]. {dataset_hint}"
 
@@ -80,7 +81,7 @@ def test_shipped_provenance(name):
     prov = load_provenance(name)
     for key in ("model", "prompt", "date", "notes"):
         assert isinstance(prov.get(key), str) and prov[key].strip(), key
-    assert prov["date"] == ("2026-12-03" if name == "mintrec_alt" else "2026-11-28")
+    assert prov["date"] == {"mintrec_alt": "2026-12-03", "mintrec2_alt": "2026-12-08"}.get(name, "2026-11-28")
     assert "{label}" in prov["prompt"]
 
 
