@@ -81,7 +81,7 @@ def test_shipped_provenance(name):
     prov = load_provenance(name)
     for key in ("model", "prompt", "date", "notes"):
         assert isinstance(prov.get(key), str) and prov[key].strip(), key
-    assert prov["date"] == {"mintrec_alt": "2026-12-03", "mintrec2_alt": "2026-12-08"}.get(name, "2026-11-28")
+    assert prov["date"] == {"mintrec_alt": "2026-12-03", "mintrec2_alt": "2026-12-07"}.get(name, "2026-11-28")
     assert "{label}" in prov["prompt"]
 
 
