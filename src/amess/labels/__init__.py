@@ -14,8 +14,8 @@ Each shipped set is a YAML file in this package::
 Shipped sets: ``mintrec`` (20 intents), ``mintrec_binary`` (MIntRec's Emotion / Goal
 coarse task) and ``mintrec2`` (the 30 in-scope intents of MIntRec2.0; the out-of-scope
 label ``UNK`` has no description), plus ``mintrec_alt`` and ``mintrec2_alt``: two more,
-text-oriented descriptions of each label, to join with ``+``. A user file may use the same format, or be a plain
-mapping label -> description, in YAML or JSON. New sets can be written with
+text-oriented descriptions of each label, to join with ``+``. A user file may use the same
+format, or be a plain mapping label -> description, in YAML or JSON. New sets can be written with
 ``amess labels generate`` (see :mod:`amess.labels.generate`).
 
 Labels are matched exactly (case and spaces included); a file may describe more labels
