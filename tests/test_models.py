@@ -626,16 +626,20 @@ def test_text_only_view_gives_text_alone_a_second_view():
     set_dropout(0.0)  # without dropout the second view is z_m itself
     out = drop(batch)
     assert torch.allclose(out.extras["z_m"], out.extras["z_t"], atol=1e-5)
-    mom = make_model(video=False, audio=False, text_only_view="momentum").train()
     calls = []
-    key_forward = mom.desc_momentum_encoder.forward
-    mom.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"]) or key_forward(*a, **k)
+
+    def record_copy_inputs(model):  # note the input_ids each call of the momentum copy encodes
+        key_forward = model.desc_momentum_encoder.forward
+        model.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"]) or key_forward(*a, **k)
+
+    mom = make_model(video=False, audio=False, text_only_view="momentum").train()
+    record_copy_inputs(mom)
     out = mom(batch)
     assert calls[-1] is batch.input_ids and "z_t" in out.extras  # the utterance, by the copy
     assert not any(p.requires_grad for p in mom.desc_momentum_encoder.parameters())
     fused = make_model(text_only_view="momentum").train()
     calls.clear()
-    fused.desc_momentum_encoder.forward = lambda *a, **k: calls.append(k["input_ids"]) or key_forward(*a, **k)
+    record_copy_inputs(fused)
     fused_batch = make_batch()
     fused(fused_batch)
     assert calls and all(c is not fused_batch.input_ids for c in calls)  # with streams: the spec's text view
