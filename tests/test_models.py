@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from amess.config import Config, ModelConfig
 from amess.models.amess import AmessSettings as AmessConfig
 from amess.data.batch import Batch
-from amess.losses import (description_ce, margin_triplet, supervised_infonce, symmetric_infonce,
+from amess.losses import (description_ce, description_to_rows, margin_triplet, supervised_infonce, symmetric_infonce,
                           triplet_contrastive)
 from amess.models import METHODS, build_model
 from amess.models.encoders import TextEncoder
@@ -269,6 +269,40 @@ def test_description_ce_by_hand():
     wrong = description_ce(e[torch.tensor([1, 0])], e, labels, 0.5)
     random = description_ce(F.normalize(torch.randn(2, 3), dim=-1), e, labels, 0.5)
     assert aligned < random and aligned < wrong
+
+
+def test_description_to_rows_by_hand():
+    e = torch.eye(3)
+    labels = torch.tensor([0, 0, 2])
+    # label 0 scores the rows [2, 2, 0] (tau 0.5), both its rows are positives; label 2 scores [0, 0, 2]
+    expected = 0.5 * (-math.log(math.exp(2) / (2 * math.exp(2) + 1)) - math.log(math.exp(2) / (math.exp(2) + 2)))
+    assert description_to_rows(e[labels], e, labels, 0.5).item() == pytest.approx(expected, rel=1e-6)
+    # the direction differs from description_ce: a row far from its description but farther from the
+    # others' rows is still picked out by it
+    z, y = F.normalize(torch.randn(6, 3), dim=-1), torch.tensor([0, 1, 2, 0, 1, 1])
+    assert description_to_rows(z, e, y, 0.2).item() != pytest.approx(description_ce(z, e, y, 0.2).item())
+    z_m, z_t = F.normalize(torch.randn(6, 3), dim=-1), F.normalize(torch.randn(6, 3), dim=-1)
+    both = [0.5 * (description_ce(v, e, y, 0.2) + description_to_rows(v, e, y, 0.2)) for v in (z_m, z_t)]
+    assert triplet_contrastive(z_m, z_t, e, y, 0.2, symmetric=True).item() == pytest.approx(
+        (sum(both) + symmetric_infonce(z_m, z_t, 0.2)).item() / 3, rel=1e-6)
+    assert triplet_contrastive(z_m, None, e, y, 0.2, text_view=False, symmetric=True).item() == pytest.approx(
+        both[0].item(), rel=1e-6)
+
+
+def test_ss_symmetric_switch_reaches_the_loss():
+    batch = make_batch(video=False, audio=False)
+    torch.manual_seed(0)
+    plain = make_model(video=False, audio=False).train()
+    torch.manual_seed(0)
+    sym = make_model(video=False, audio=False, ss_symmetric=True).train()
+    sym.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    _, a = plain.loss(plain(batch), batch)
+    torch.manual_seed(1)
+    _, b = sym.loss(sym(batch), batch)
+    assert a["ce"] == pytest.approx(b["ce"]) and a["ss"] != pytest.approx(b["ss"])
+    with pytest.raises(ValueError, match="ss_symmetric"):
+        AmessConfig(ss_symmetric=True, ss_loss="margin")
 
 
 def test_symmetric_infonce_by_hand():

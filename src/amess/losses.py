@@ -23,6 +23,22 @@ def description_ce(z: torch.Tensor, e: torch.Tensor, labels: torch.Tensor,
     return F.cross_entropy(logits, labels)
 
 
+def description_to_rows(z: torch.Tensor, e: torch.Tensor, labels: torch.Tensor,
+                        tau: float | torch.Tensor) -> torch.Tensor:
+    """The other direction of `description_ce` (CLIP's symmetric loss, as FLYP fine-tunes a
+    classifier with it, Goyal et al. 2023): each label present in the batch scores the batch's
+    rows, and its own rows are the positives.
+
+    loss_c = -mean over rows j of label c of log softmax_j(e_c . z_j / tau), averaged over the
+    labels present. z: (b, p), e: (C, p) normalised; labels: (b,) long in [0, C). Scalar.
+    """
+    logits = e @ z.t() / tau  # (C, b)
+    present = torch.unique(labels)  # (c',) sorted
+    logp = logits[present].log_softmax(dim=1)  # (c', b)
+    own = labels[None, :] == present[:, None]  # (c', b)
+    return (-(logp * own).sum(1) / own.sum(1)).mean()
+
+
 def symmetric_infonce(a: torch.Tensor, b: torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
     """CLIP's symmetric InfoNCE between two views of the same rows (SS 4: z_m against z_t).
 
@@ -68,7 +84,8 @@ POSITIVES = ("self", "label")
 
 def triplet_contrastive(z_m: torch.Tensor, z_t: torch.Tensor | None, e: torch.Tensor,
                         labels: torch.Tensor, tau: float | torch.Tensor,
-                        text_view: bool = True, positives: str = "self") -> torch.Tensor:
+                        text_view: bool = True, positives: str = "self",
+                        symmetric: bool = False) -> torch.Tensor:
     """The triplet contrastive loss of SS 4: the mean of its terms.
 
     - z_m (b, p) against all descriptions e (C, p): cross-entropy towards the gold one;
@@ -80,15 +97,20 @@ def triplet_contrastive(z_m: torch.Tensor, z_t: torch.Tensor | None, e: torch.Te
     With `text_view=False` the first term remains (z_t may then be None), plus, with
     `positives="label"`, a supervised contrastive term of z_m against itself. The terms
     are averaged, not summed, so that `ss_lambda` weighs the same whether the text view
-    is on or off.
+    is on or off. `symmetric=True` makes each description term the mean of its two
+    directions, `description_ce` and `description_to_rows`.
     """
     if positives not in POSITIVES:
         raise ValueError(f"triplet_contrastive: positives must be one of {list(POSITIVES)}, got {positives!r}")
-    terms = [description_ce(z_m, e, labels, tau)]
+    def to_descriptions(z: torch.Tensor) -> torch.Tensor:
+        ce = description_ce(z, e, labels, tau)
+        return 0.5 * (ce + description_to_rows(z, e, labels, tau)) if symmetric else ce
+
+    terms = [to_descriptions(z_m)]
     if text_view:
         if z_t is None:
             raise ValueError("triplet_contrastive: text_view=True needs the text-only view z_t")
-        terms.append(description_ce(z_t, e, labels, tau))
+        terms.append(to_descriptions(z_t))
         terms.append(symmetric_infonce(z_m, z_t, tau) if positives == "self"
                      else supervised_infonce(z_m, z_t, labels, tau))
     elif positives == "label":

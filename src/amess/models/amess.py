@@ -191,6 +191,11 @@ class AmessSettings:
     """Positives of the in-batch contrastive term of the triplet loss: `self` (z_m_i against
     z_t_i only, as SS 4) or `label` (supervised contrastive: every row of the same intent;
     on text alone, where there is no z_t, this adds a SupCon term of z_m against itself)."""
+    ss_symmetric: bool = False
+    """With the triplet loss: make each description term symmetric, as CLIP's loss and FLYP's
+    fine-tuning are (Goyal et al. 2023): besides each utterance choosing its description among
+    the C (`description_ce`), each label present in the batch chooses its own utterances among
+    the batch's rows (`losses.description_to_rows`); the two directions are averaged."""
     ss_warmup: int = 0
     """Training steps over which the SS weight rises linearly from 0 to `ss_lambda` (0 = the
     full weight from the first step)."""
@@ -241,6 +246,9 @@ class AmessSettings:
         if self.text_only_view == "momentum" and self.desc_encoder != "momentum":
             raise ValueError("amess.text_only_view=momentum encodes the utterance with the momentum "
                              "description encoder; set amess.desc_encoder=momentum or another text_only_view")
+        if self.ss_symmetric and self.ss_loss != "triplet":
+            raise ValueError("amess.ss_symmetric makes the triplet loss's description terms symmetric; "
+                             f"it does nothing with amess.ss_loss={self.ss_loss!r}: set ss_loss=triplet or drop it")
         if self.ss_warmup < 0:
             raise ValueError(f"amess.ss_warmup must be >= 0 (steps), got {self.ss_warmup}")
         if self.head_init == "descriptions" and self.ss_loss == "none":
@@ -825,7 +833,7 @@ class AMESS(IntentModel):
         if self.cfg.ss_loss == "triplet":
             z_t = out.extras["z_t"][keep] if "z_t" in out.extras else None  # absent at evaluation
             ss = triplet_contrastive(z_m, z_t, desc, y, 1.0 / scale, text_view=z_t is not None,
-                                     positives=self.cfg.ss_positives)
+                                     positives=self.cfg.ss_positives, symmetric=self.cfg.ss_symmetric)
         else:
             ss = margin_triplet(z_m, desc, y, self.cfg.margin)
         weight = self.cfg.ss_lambda
