@@ -305,6 +305,25 @@ def test_ss_symmetric_switch_reaches_the_loss():
         AmessConfig(ss_symmetric=True, ss_loss="margin")
 
 
+def test_shared_projection_is_one_map(tmp_path):
+    torch.manual_seed(0)
+    model = make_model(video=False, audio=False, shared_projection=True)
+    assert model.proj_desc is model.proj_utt
+    two = make_model(video=False, audio=False)
+    assert sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in model.parameters()) == (
+        two.proj_desc.weight.numel() + two.proj_desc.bias.numel())
+    batch = make_batch(video=False, audio=False)
+    model.train()
+    loss, _ = model.loss(model(batch), batch)
+    loss.backward()
+    assert model.proj_utt.weight.grad is not None
+    # a saved state reloads into a fresh model with the map still shared
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    fresh = make_model(video=False, audio=False, shared_projection=True)
+    fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
+    assert fresh.proj_desc is fresh.proj_utt and torch.equal(fresh.proj_utt.weight, model.proj_utt.weight)
+
+
 def test_symmetric_infonce_by_hand():
     a, b = F.normalize(torch.randn(5, 4), dim=-1), F.normalize(torch.randn(5, 4), dim=-1)
     assert symmetric_infonce(a, b, 0.1).item() == pytest.approx(symmetric_infonce(b, a, 0.1).item(), rel=1e-6)

@@ -104,6 +104,12 @@ class AmessSettings:
     train slice at batch 16)."""
     proj_dim: int = 128
     """p, the size of the shared semantic space."""
+    shared_projection: bool = False
+    """Project utterances and descriptions into the shared space with one linear map instead of
+    two (SS 3 leaves it open). With two, the description side has its own map, which can move
+    each label's anchor freely (C anchors, a map of p x h), so the similarity view can become a
+    cosine classifier whose weights started from the descriptions; with one, an anchor is where
+    the description encoder's output lands under the utterances' own map."""
     text_view: bool = True
     """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
     desc_encoder: str = "momentum"
@@ -500,7 +506,7 @@ class AMESS(IntentModel):
                                         label_names)
         if cfg.ss_loss != "none":
             self.proj_utt = nn.Linear(encoder.hidden_size, cfg.proj_dim)
-            self.proj_desc = nn.Linear(encoder.hidden_size, cfg.proj_dim)
+            self.proj_desc = self.proj_utt if cfg.shared_projection else nn.Linear(encoder.hidden_size, cfg.proj_dim)
         else:
             self.proj_utt = self.proj_desc = None
         if cfg.head_init == "descriptions":
