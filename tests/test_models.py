@@ -758,6 +758,8 @@ def test_desc_text_chooses_what_stands_for_a_label():
     both = make_model(desc_text="name+description")
     expected = [tok(f"{n}: {d}")["input_ids"] for n, d in zip(LABELS, DESCRIPTIONS)]
     assert [r[m.bool()].tolist() for r, m in zip(both.desc_input_ids, both.desc_attention_mask)] == expected
+    # the control: every label gets the next label's description, none its own
+    assert decode(make_model(desc_text="mismatched")) == DESCRIPTIONS[1:] + DESCRIPTIONS[:1]
     with pytest.raises(ValueError, match="desc_text"):
         AmessConfig(desc_text="title")
 

@@ -55,7 +55,7 @@ ANCHOR_MODES = ("topk", "learned", "all", "none")
 SS_LOSSES = ("none", "triplet", "margin")
 DESC_ENCODERS = ("shared", "frozen", "momentum")
 INFERENCE_MODES = ("auto", "head", "similarity", "both")
-DESC_TEXTS = ("description", "name", "name+description")
+DESC_TEXTS = ("description", "name", "name+description", "mismatched")
 HEAD_INITS = ("random", "descriptions")
 TEXT_ONLY_VIEWS = ("none", "dropout", "momentum")
 
@@ -186,7 +186,10 @@ class AmessSettings:
     """Cosine margin of the `margin` SS loss."""
     desc_text: str = "description"
     """What stands for a label in SS: its `description` (the dataset's label descriptions),
-    its `name` alone ("Complain"), or `name+description` ("Complain: <description>")."""
+    its `name` alone ("Complain"), `name+description` ("Complain: <description>"), or
+    `mismatched`, a control: label c gets the description(s) of label (c + 1) mod C, so the
+    anchors keep the descriptions' geometry and lose their meaning (what SS gains from the
+    meaning of the descriptions is the gap between `description` and `mismatched`)."""
     head_init: str = "random"
     """Classifier init: `random` (PyTorch's default), or `descriptions`: row c of the head is
     P_u^T e_c (e_c the projected, normalised description of label c from the pretrained
@@ -531,6 +534,10 @@ class AMESS(IntentModel):
         texts = [[d] if isinstance(d, str) else list(d) for d in descriptions]
         if self.cfg.desc_text == "description":
             return texts
+        if self.cfg.desc_text == "mismatched":
+            if len(texts) < 2:
+                raise ValueError("amess.desc_text=mismatched needs at least two labels to swap descriptions between")
+            return texts[1:] + texts[:1]
         if label_names is None or len(label_names) != len(descriptions):
             raise ValueError(f"amess.desc_text={self.cfg.desc_text!r} needs the label names, one per label")
         if self.cfg.desc_text == "name":
