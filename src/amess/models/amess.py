@@ -193,7 +193,10 @@ class AmessSettings:
     its `name` alone ("Complain"), `name+description` ("Complain: <description>"), or
     `mismatched`, a control: label c gets the description(s) of label (c + 1) mod C, so the
     anchors keep the descriptions' geometry and lose their meaning (what SS gains from the
-    meaning of the descriptions is the gap between `description` and `mismatched`)."""
+    meaning of the descriptions is the gap between `description` and `mismatched`). Measured
+    (5 seeds, README "Three more switches, and a control"): -0.63 +- 0.82 and -0.31 +- 0.71
+    points of accuracy against the default on the MIntRec and MIntRec2.0 in-scope text, which
+    keeps +0.31 and +0.63 of the default's +0.94 over `text` on the same seeds."""
     head_init: str = "random"
     """Classifier init: `random` (PyTorch's default), or `descriptions`: row c of the head is
     P_u^T e_c (e_c the projected, normalised description of label c from the pretrained
