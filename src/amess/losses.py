@@ -102,6 +102,7 @@ def triplet_contrastive(z_m: torch.Tensor, z_t: torch.Tensor | None, e: torch.Te
     """
     if positives not in POSITIVES:
         raise ValueError(f"triplet_contrastive: positives must be one of {list(POSITIVES)}, got {positives!r}")
+
     def to_descriptions(z: torch.Tensor) -> torch.Tensor:
         ce = description_ce(z, e, labels, tau)
         return 0.5 * (ce + description_to_rows(z, e, labels, tau)) if symmetric else ce
