@@ -322,6 +322,14 @@ def test_shared_projection_is_one_map(tmp_path):
     fresh = make_model(video=False, audio=False, shared_projection=True)
     fresh.load_state_dict(torch.load(tmp_path / "m.pt", weights_only=True))
     assert fresh.proj_desc is fresh.proj_utt and torch.equal(fresh.proj_utt.weight, model.proj_utt.weight)
+    # a state saved with two maps never collapses into one: the model takes two, as trained
+    two.eval()
+    shared = make_model(video=False, audio=False, shared_projection=True).eval()
+    shared.load_state_dict(two.state_dict())
+    assert shared.proj_desc is not shared.proj_utt and not shared.cfg.shared_projection
+    assert torch.equal(shared.proj_desc.weight, two.proj_desc.weight)
+    with torch.no_grad():
+        assert torch.allclose(shared(batch).extras["desc_sims"], two(batch).extras["desc_sims"])
 
 
 def test_symmetric_infonce_by_hand():
