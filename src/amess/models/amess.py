@@ -113,7 +113,8 @@ class AmessSettings:
     (README "Three more switches, and a control"): +1.12 +- 1.41 and +0.72 +- 0.92 points of
     accuracy over `text` on the MIntRec and MIntRec2.0 in-scope text, the best SS measured, but
     only +0.38 +- 1.39 and +0.12 +- 0.88 over the default (p = 0.41, 0.68), with the held-back
-    slices hardly separating the two: a switch, not (yet) the default."""
+    slices hardly separating the two: a switch, not (yet) the default. A state saved with two maps
+    loads as two whatever this says (`load_state_dict`), so earlier runs never collapse them."""
     text_view: bool = True
     """Use the text-only view z_t (a second encoder pass) in the triplet loss; ignored otherwise."""
     desc_encoder: str = "momentum"
