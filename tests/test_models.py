@@ -12,8 +12,8 @@ from transformers import BertConfig, BertModel, BertTokenizer
 from amess.config import Config, ModelConfig
 from amess.models.amess import AmessSettings as AmessConfig
 from amess.data.batch import Batch
-from amess.losses import (description_ce, description_to_rows, margin_triplet, supervised_infonce, symmetric_infonce,
-                          triplet_contrastive)
+from amess.losses import (description_ce, description_to_rows, margin_triplet, supervised_infonce,
+                          symmetric_infonce, triplet_contrastive)
 from amess.models import METHODS, build_model
 from amess.models.encoders import TextEncoder
 

@@ -695,10 +695,10 @@ class AMESS(IntentModel):
             # re-encoding at the next training step
             state_dict = {**state_dict, "desc_step": torch.zeros_like(self.desc_step),
                           "desc_stale": torch.zeros_like(self.desc_stale)}
-        two_maps = any(f"proj_utt.{k}" in state_dict and f"proj_desc.{k}" in state_dict
-                       and not torch.equal(state_dict[f"proj_utt.{k}"], state_dict[f"proj_desc.{k}"])
-                       for k in ("weight", "bias"))
-        if self.proj_utt is not None and self.proj_desc is self.proj_utt and two_maps:
+        shared = self.proj_utt is not None and self.proj_desc is self.proj_utt
+        if shared and any(f"proj_utt.{k}" in state_dict and f"proj_desc.{k}" in state_dict
+                          and not torch.equal(state_dict[f"proj_utt.{k}"], state_dict[f"proj_desc.{k}"])
+                          for k in ("weight", "bias")):
             # saved with two maps (`shared_projection` off, or from before the switch existed, whose
             # configs lack it): loading both into the one shared map would keep whichever came last,
             # so the model takes two maps, as trained
